@@ -1,0 +1,155 @@
+"""Command lines: ``train.py`` (through ``train_main``) and ``python -m adapters explain``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import OmegaConf
+
+from .errors import AdapterError
+
+log = logging.getLogger("adapters")
+
+
+def _fail(exc: AdapterError) -> int:
+    sys.stderr.write(f"error: {exc}\n")
+    sys.stderr.flush()
+    return exc.exit_code
+
+
+# --- train.py ---------------------------------------------------------------------------------------
+
+_LOCAL_RANK_ARG = re.compile(r"^--local[-_]rank(?:=(\d+))?$")
+
+
+def _strip_local_rank(argv: list[str]) -> list[str]:
+    """``python -m torch.distributed.launch`` passes --local-rank=N, which Hydra would reject."""
+    out: list[str] = []
+    skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        match = _LOCAL_RANK_ARG.match(arg)
+        if match:
+            value = match.group(1)
+            if value is None and i + 1 < len(argv):
+                value, skip = argv[i + 1], True
+            os.environ.setdefault("LOCAL_RANK", value or "0")
+            continue
+        out.append(arg)
+    return out
+
+
+def _task(cfg: Any) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from .config import validate
+    from .launch import launch
+
+    try:
+        checked = validate(cfg)
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        summary = launch(checked, run_dir)
+    except AdapterError as exc:
+        sys.exit(_fail(exc))
+    if summary:
+        log.info("finished: %s", ", ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """Check the overrides, then run the Hydra app. Nothing is written when the config is wrong."""
+    import hydra
+
+    from .config import compose, conf_dir, register_configs, torchrun_env, validate
+
+    argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
+    flags = [a for a in argv if a.startswith("-")]
+    if not flags:  # --help, --cfg, --multirun ...: Hydra handles them; the task still validates
+        try:
+            validate(compose(argv))
+        except AdapterError as exc:
+            return _fail(exc)
+    register_configs()
+    if torchrun_env():
+        # Every rank runs this app; the run folder is shared (see config.run_start) and only rank 0
+        # writes .hydra/. Logging is set up per rank by the worker.
+        argv.append("hydra/job_logging=none")
+        if os.environ.get("RANK", "0") != "0":
+            argv.append("hydra.output_subdir=null")
+    sys.argv = [sys.argv[0], *argv]
+    main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_task)
+    main()
+    return 0
+
+
+# --- python -m adapters -----------------------------------------------------------------------------
+
+
+def explain(overrides: Sequence[str], as_json: bool = False) -> str:
+    """The composed policy and the exact native settings it becomes, without importing the framework."""
+    from . import registry
+    from .config import compose, resolve_backend, validate
+
+    cfg, choices = compose(list(overrides), with_choices=True)
+    checked = validate(cfg, for_run=False)
+    adapter = registry.load_adapter(checked.framework)
+    backend = resolve_backend(checked.launcher.backend, checked.launcher.nproc)
+    native = adapter.translate(checked.policy, backend=backend)
+    ddp = OmegaConf.to_container(cfg.ddp, enum_to_str=True)
+    if as_json:
+        return json.dumps(
+            {"framework": checked.framework, "ddp_preset": choices.get("ddp"), "policy": ddp,
+             "backend": backend.name, "settings": dict(native.settings), "env": dict(native.env),
+             "snippet": native.snippet, "notes": list(native.notes)},
+            indent=2, default=str,
+        )  # fmt: skip
+    entry = registry.entry(checked.framework)
+    out = [
+        f"framework: {checked.framework} ({entry.title})    ddp preset: {choices.get('ddp')}",
+        "",
+        "policy (ddp):",
+        _indent(OmegaConf.to_yaml(OmegaConf.create(ddp)).rstrip()),
+        "",
+        f"launcher: {checked.launcher.name}, {checked.launcher.nproc} process(es), backend "
+        f"{backend.name}{' (auto)' if checked.launcher.backend.name == 'auto' else ''}",
+        "",
+        f"native settings for {entry.title}:",
+        _indent(OmegaConf.to_yaml(OmegaConf.create(dict(native.settings))).rstrip()),
+        "in code:",
+        _indent(native.snippet),
+        "environment in every rank: "
+        + (", ".join(f"{k}={v}" for k, v in native.env.items()) if native.env else "(nothing set)"),
+    ]
+    if native.notes:
+        out += ["", "notes:", *[f"  - {note}" for note in native.notes]]
+    return "\n".join(out)
+
+
+def _indent(text: str, by: str = "  ") -> str:
+    return "\n".join(by + line for line in text.splitlines())
+
+
+def module_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m adapters",
+        description="One DDP unused-parameters policy for PyTorch, MMDetection, fastNLP and nnU-Net.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("explain", help="print the composed policy and the framework's native settings")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py (framework=mmdet ddp=safe)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "explain":
+            print(explain(args.overrides, as_json=args.json))
+    except AdapterError as exc:
+        return _fail(exc)
+    return 0

@@ -1,0 +1,191 @@
+"""Turn DDP's errors into parameter names and the override that fixes them.
+
+DDP's "Expected to have finished reduction in the prior iteration" error ends with
+``Parameter indices which did not receive grad for rank N: i j ...``. The indices are positions in the
+list DDP's reducer was built from (``DistributedDataParallel._build_params_for_reducer``): modules in
+``named_modules()`` order, each module's own trainable parameters, parameters DDP was told to ignore left
+out, a parameter shared by several modules counted once. Rebuilding that list gives exact names for any
+model, without ``TORCH_DISTRIBUTED_DEBUG``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+REDUCTION_MARKER = "Expected to have finished reduction in the prior iteration"
+GRAPH_CHANGED_MARKER = "training graph has changed in this iteration"
+READY_TWICE_MARKERS = ("marked as ready twice", "Expected to mark a variable ready only once")
+_INDICES = re.compile(r"Parameter indices which did not receive grad for rank (\d+):((?: \d+)+)")
+
+
+@dataclass
+class Diagnosis:
+    """One rank's explanation of a failure, small enough to send between processes."""
+
+    rank: int
+    kind: str  # unused_parameters | graph_changed | ready_twice | error
+    summary: str  # one line
+    original: str  # the exception as torch (or the framework) raised it
+    unused: list[str] = field(default_factory=list)  # exact parameter names, DDP's order
+    aliases: dict[str, list[str]] = field(default_factory=dict)  # tied parameters: other names
+    traceback: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def reducer_parameter_names(module: Any, ignored: Iterable[str] = ()) -> list[str]:
+    """Names of the parameters DDP reduces, in the reducer's index order.
+
+    Mirrors ``DistributedDataParallel._build_params_for_reducer`` (torch 2.x): keep it in step with it.
+    """
+    ignored = set(ignored)
+    seen: set[int] = set()
+    names: list[str] = []
+    for module_name, mod in module.named_modules():
+        for param_name, param in mod.named_parameters(recurse=False):
+            # DDP spells the ignore key with a leading "." for the root module's own parameters.
+            if not param.requires_grad or f"{module_name}.{param_name}" in ignored:
+                continue
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            names.append(f"{module_name}.{param_name}" if module_name else param_name)
+    return names
+
+
+def parameter_aliases(module: Any) -> dict[str, list[str]]:
+    """For each tied parameter: its reducer name -> the other names it is reachable by."""
+    by_id: dict[int, list[str]] = defaultdict(list)
+    for name, param in module.named_parameters(remove_duplicate=False):
+        by_id[id(param)].append(name)
+    canonical = {}
+    for module_name, mod in module.named_modules():
+        for param_name, param in mod.named_parameters(recurse=False):
+            canonical.setdefault(id(param), f"{module_name}.{param_name}" if module_name else param_name)
+    return {
+        canonical[pid]: [n for n in names if n != canonical[pid]]
+        for pid, names in by_id.items()
+        if len(names) > 1 and pid in canonical
+    }
+
+
+def unused_indices(text: str) -> dict[int, list[int]]:
+    """``{rank: [index, ...]}`` parsed from DDP's error text."""
+    return {int(rank): [int(i) for i in idx.split()] for rank, idx in _INDICES.findall(text)}
+
+
+def diagnose(exc: BaseException, rank: int, ddp_model: Any = None, tb: str = "") -> Diagnosis:
+    """Explain ``exc`` raised on ``rank``. ``ddp_model`` (the DDP wrapper) turns indices into names."""
+    text = str(exc)
+    original = f"{type(exc).__name__}: {text}"
+    if REDUCTION_MARKER in text or GRAPH_CHANGED_MARKER in text:
+        names: list[str] = []
+        aliases: dict[str, list[str]] = {}
+        indices = unused_indices(text).get(rank, [])
+        if ddp_model is not None and indices:
+            module = getattr(ddp_model, "module", ddp_model)
+            order = reducer_parameter_names(module, getattr(ddp_model, "parameters_to_ignore", ()))
+            names = [order[i] if i < len(order) else f"<parameter index {i}>" for i in indices]
+            all_aliases = parameter_aliases(module)
+            aliases = {n: all_aliases[n] for n in names if n in all_aliases}
+        elif indices:
+            names = [f"<parameter index {i}>" for i in indices]
+        if GRAPH_CHANGED_MARKER in text:
+            return Diagnosis(
+                rank, "graph_changed",
+                "static_graph=True, but the set of parameters used changed after the first step",
+                original, names, aliases, tb,
+            )  # fmt: skip
+        return Diagnosis(
+            rank, "unused_parameters", f"{len(names)} parameters got no gradient", original, names, aliases, tb
+        )
+    if any(marker in text for marker in READY_TWICE_MARKERS):
+        return Diagnosis(
+            rank, "ready_twice",
+            "a parameter's gradient was produced twice in one step (reentrant checkpointing or reuse)",
+            original, traceback=tb,
+        )  # fmt: skip
+    return Diagnosis(rank, "error", original.splitlines()[0] if original else type(exc).__name__, original,
+                     traceback=tb)  # fmt: skip
+
+
+def _group_by_module(names: Iterable[str]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in names:
+        module, _, leaf = name.rpartition(".")
+        groups[module or "(root module)"].append(leaf)
+    return groups
+
+
+def _ranks(ranks: Iterable[int]) -> str:
+    ranks = sorted(set(ranks))
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+
+
+_FIXES = {
+    "unused_parameters": (
+        "Fix it with one word on the command line:\n"
+        "  ddp=static   static_graph=True. Cheapest, when the same parameters are unused in every step.\n"
+        "  ddp=safe     find_unused_parameters=True. Works whatever changes between steps; costs a walk of\n"
+        "               the autograd graph in every step.\n"
+        "  (the same as ddp.unused_params=static / ddp.unused_params=find)\n"
+        "Or make the loss use them, or freeze them (requires_grad=False) so DDP does not wait for them."
+    ),
+    "graph_changed": (
+        "static_graph=True needs the same parameters used in every step. Fix: ddp=safe "
+        "(find_unused_parameters=True), which allows the used set to change."
+    ),
+    "ready_twice": (
+        "This happens with find_unused_parameters=True (ddp=safe) and reentrant activation checkpointing\n"
+        "(torch.utils.checkpoint without use_reentrant=False; OpenMMLab backbones with with_cp=True), or when a\n"
+        "module runs twice in one step. Fix: ddp=static, or checkpointing with use_reentrant=False."
+    ),
+}
+
+
+def format_failure(diagnoses: list[Diagnosis], *, context: str = "") -> str:
+    """The message a user sees when a run stops: what happened, where, by name, and the fix."""
+    if not diagnoses:
+        return "The run stopped, and no rank reported why (a rank was killed, or crashed in native code)."
+    lines: list[str] = []
+    by_kind: dict[str, list[Diagnosis]] = defaultdict(list)
+    for d in sorted(diagnoses, key=lambda d: d.rank):
+        by_kind[d.kind].append(d)
+    for kind, group in by_kind.items():
+        if kind in ("unused_parameters", "graph_changed"):
+            lines.append(f"DDP stopped on {_ranks(d.rank for d in group)}: {group[0].summary}.")
+            where: dict[str, set[int]] = defaultdict(set)
+            for d in group:
+                for name in d.unused:
+                    where[name].add(d.rank)
+            if where:
+                lines.append("Parameters that got no gradient, by module:")
+                ordered = list(dict.fromkeys(n for d in group for n in d.unused))
+                for module, leaves in _group_by_module(ordered).items():
+                    full = [f"{module}.{leaf}" if module != "(root module)" else leaf for leaf in leaves]
+                    rank_sets = {frozenset(where[n]) for n in full}
+                    on = _ranks(next(iter(rank_sets))) if len(rank_sets) == 1 else "some ranks"
+                    lines.append(f"  {module}: {', '.join(leaves)}   ({on})")
+                aliases = {n: a for d in group for n, a in d.aliases.items()}
+                for name, other in aliases.items():
+                    lines.append(f"  ({name} is shared; also reachable as {', '.join(other)})")
+                rank_sets = {frozenset(d.unused) for d in group}
+                if len(rank_sets) > 1:
+                    lines.append("The unused set differs between ranks, so ddp=static may not hold: prefer ddp=safe.")
+            lines.append(_FIXES[kind])
+            if context:
+                lines.append(context)
+        elif kind == "ready_twice":
+            lines.append(f"DDP stopped on {_ranks(d.rank for d in group)}: {group[0].summary}.")
+            lines.append(_FIXES[kind])
+        else:
+            for d in group:
+                lines.append(f"rank {d.rank} failed: {d.summary}")
+        first = group[0]
+        lines.append(f"\ntorch's original error (rank {first.rank}):")
+        lines.extend("  " + line for line in first.original.splitlines())
+    return "\n".join(lines)

@@ -1,0 +1,204 @@
+"""framework=torch: plain PyTorch DistributedDataParallel, with a training loop of our own.
+
+The policy becomes DDP keyword arguments. The model and data are any callables named by ``_target_``
+(the built-in demo by default), under one contract: the dataset yields dicts of tensors; the model is
+called as ``model(**batch)`` and returns the loss, or a dict with a ``"loss"`` key.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict
+
+from ..base import Adapter, NativeSettings, WorkerContext, ddp_kwargs, debug_env
+from ..errors import ConfigError
+from ..policy import Backend, DDPPolicy, UnusedParams
+
+DEMO_MODEL = "adapters.demo.DeepSupervisionNet"
+DEMO_DATA = "adapters.demo.SyntheticBlobs"
+
+
+@dataclass
+class TorchConfig:
+    """The ``framework`` node for framework=torch."""
+
+    name: str = "torch"
+    # Optimizer steps (each one a forward/backward on every rank).
+    steps: int = 40
+    # Samples per process per step.
+    batch_size: int = 16
+    lr: float = 0.05
+    seed: int = 0
+    # Rank 0 logs step, loss and throughput every this many steps.
+    log_every: int = 10
+    # DataLoader worker processes per rank.
+    num_workers: int = 0
+    # Handed to the model's constructor when it takes a ``deep_supervision`` argument and the model node
+    # does not set it. False leaves the demo's coarser heads out of the loss (the seed-000 situation).
+    deep_supervision: bool = True
+    # The model: ``_target_`` plus its constructor arguments.
+    model: Dict[str, Any] = field(default_factory=lambda: {"_target_": DEMO_MODEL})
+    # The dataset: ``_target_`` plus its constructor arguments.
+    data: Dict[str, Any] = field(default_factory=lambda: {"_target_": DEMO_DATA})
+    # Save the trained weights (unwrapped state_dict) to <run folder>/model.pt from rank 0.
+    save: bool = True
+
+
+_COST = {
+    UnusedParams.strict: "DDP's default: no extra work per step; stops if a parameter gets no gradient.",
+    UnusedParams.find: "find_unused_parameters=True: one extra walk of the autograd graph after every forward.",
+    UnusedParams.static: "static_graph=True: learns the used parameters in step 1; they must not change later.",
+}
+
+
+class TorchAdapter(Adapter):
+    name = "torch"
+    schema = TorchConfig
+
+    def translate(self, policy: DDPPolicy, *, backend: Backend) -> NativeSettings:
+        kwargs = ddp_kwargs(policy)
+        env, notes = debug_env(policy, backend)
+        device_ids = "[local_rank]" if backend is Backend.nccl else "None"
+        args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+        return NativeSettings(
+            framework=self.name,
+            settings={"ddp_kwargs": kwargs},
+            env=env,
+            notes=(_COST[policy.unused_params], *notes),
+            snippet=f"torch.nn.parallel.DistributedDataParallel(model, device_ids={device_ids}{args})",
+        )
+
+    def validate(self, framework_cfg: Any) -> None:
+        for key in ("model", "data"):
+            _check_target(f"framework.{key}", dict(framework_cfg[key]))
+        for key in ("steps", "batch_size", "log_every"):
+            if framework_cfg[key] < 1:
+                raise ConfigError(f"framework.{key}={framework_cfg[key]} must be at least 1.")
+
+    def run(self, ctx: WorkerContext) -> dict[str, Any]:
+        import torch
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        fw = ctx.cfg["framework"]
+        torch.manual_seed(fw["seed"])
+        device = torch.device(ctx.device)
+        model = build("framework.model", fw["model"], deep_supervision=fw["deep_supervision"]).to(device)
+        dataset = build("framework.data", fw["data"])
+        per_step = fw["batch_size"] * ctx.world_size
+        if len(dataset) < per_step:
+            raise ConfigError(
+                f"framework.data has {len(dataset)} samples, fewer than one step needs "
+                f"(framework.batch_size={fw['batch_size']} x {ctx.world_size} processes)."
+            )
+        sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=fw["seed"], drop_last=True)
+        loader = DataLoader(dataset, batch_size=fw["batch_size"], sampler=sampler, drop_last=True,
+                            num_workers=fw["num_workers"], pin_memory=device.type == "cuda")  # fmt: skip
+        ddp = ctx.track_ddp(
+            DistributedDataParallel(model, device_ids=ctx.device_ids, **ctx.native.settings["ddp_kwargs"])
+        )
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=fw["lr"], momentum=0.9)
+
+        steps, log_every = fw["steps"], fw["log_every"]
+        ctx.log.info(
+            "training %s on %d process(es), %s: %d steps of %d samples per process",
+            type(model).__name__, ctx.world_size, ctx.device if ctx.world_size == 1 else ctx.backend.name,
+            steps, fw["batch_size"],
+        )  # fmt: skip
+        step, epoch, loss_sum, window_start = 0, 0, torch.zeros((), device=device), time.perf_counter()
+        started = window_start
+        last_loss = float("nan")
+        while step < steps:
+            sampler.set_epoch(epoch)
+            for batch in loader:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                loss = _loss(ddp(**batch))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                loss_sum += loss.detach()
+                if step % log_every == 0 or step == steps:
+                    n = log_every if step % log_every == 0 else step % log_every
+                    dist.all_reduce(loss_sum)  # every rank takes part; only rank 0 prints
+                    last_loss = loss_sum.item() / (n * ctx.world_size)
+                    now = time.perf_counter()
+                    rate = n / (now - window_start)
+                    ctx.log.info(
+                        "step %d/%d | loss %.4f | %.1f steps/s | %.0f samples/s",
+                        step, steps, last_loss, rate, rate * per_step,
+                    )  # fmt: skip
+                    loss_sum.zero_()
+                    window_start = now
+                if step >= steps:
+                    break
+            epoch += 1
+        seconds = time.perf_counter() - started
+        summary = {"steps": step, "loss": round(last_loss, 4), "seconds": round(seconds, 2),
+                   "steps_per_s": round(step / seconds, 2)}  # fmt: skip
+        if fw["save"] and ctx.is_main:
+            path = ctx.run_dir / "model.pt"
+            torch.save(ddp.module.state_dict(), path)
+            summary["weights"] = str(path)
+        return summary
+
+
+def _loss(output: Any) -> Any:
+    if isinstance(output, dict):
+        if "loss" not in output:
+            raise ConfigError(f"framework.model returned a dict without a 'loss' key (keys: {', '.join(output)}).")
+        return output["loss"]
+    return output
+
+
+def _split(node: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    node = dict(node)
+    target = node.pop("_target_", None)
+    return target, node
+
+
+def _check_target(path: str, node: dict[str, Any]) -> None:
+    """The target imports and accepts the arguments given: checked once, before any process starts."""
+    from hydra.utils import get_object
+
+    target, args = _split(node)
+    if not target:
+        raise ConfigError(f"{path}._target_ is missing: name the class or function to build, e.g. {DEMO_MODEL}.")
+    try:
+        obj = get_object(target)
+    except Exception as exc:  # hydra raises ImportError or its own exception type
+        raise ConfigError(
+            f"{path}._target_={target} cannot be imported: {exc}\n"
+            "Fix: make the module importable (installed, or on PYTHONPATH) and check the spelling."
+        ) from None
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    for key in args:
+        if key not in params:
+            raise ConfigError(
+                f"{path}.{key}: {target} takes no argument '{key}'. It takes: {', '.join(params) or 'none'}.\n"
+                f"Fix: remove it (~{path}.{key}) or name the whole node: {path}='{{_target_: {target}, ...}}'."
+            )
+
+
+def build(path: str, node: dict[str, Any], **offered: Any) -> Any:
+    """Instantiate ``node`` (nested ``_target_`` nodes too). ``offered`` arguments go only where taken."""
+    from hydra.utils import get_object, instantiate
+
+    target, args = _split(node)
+    try:
+        params = inspect.signature(get_object(target)).parameters
+    except (TypeError, ValueError):
+        params = {}
+    extra = {k: v for k, v in offered.items() if k in params and k not in args}
+    return instantiate({"_target_": target, **args, **extra}, _convert_="all")
+
+
+ADAPTER = TorchAdapter()

@@ -1,0 +1,181 @@
+"""Start the ranks and bring back one answer: the local launcher, and the torchrun path.
+
+Local: this process (the Hydra job) spawns ``launcher.nproc`` workers and watches them. When one fails,
+the others get ``launcher.grace_s`` seconds to report their own error, then they are stopped, so a crashed
+rank never leaves the rest waiting in a collective. Each worker sends its outcome over a pipe before it
+exits; a worker that finished and reported success counts as a success even if gloo's threads abort the
+interpreter afterwards (a known exit-time race on CPU).
+
+torchrun: this process is one rank; it runs the worker in place and torchrun's agent watches the ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from .config import Checked, resolve_backend, torchrun_env
+from .diagnose import Diagnosis, format_failure
+from .errors import RunFailed
+from .worker import Outcome, WorkerSpec, run_worker
+
+log = logging.getLogger("adapters.launch")
+
+
+def launch(checked: Checked, run_dir: Path) -> dict[str, Any]:
+    """Train with the checked config; returns rank 0's summary or raises RunFailed."""
+    cfg = OmegaConf.to_container(checked.cfg, resolve=True, enum_to_str=True)
+    cfg = {k: cfg[k] for k in ("framework", "ddp", "launcher")}
+    if torchrun_env():
+        return _run_in_place(checked, cfg, run_dir)
+    return _run_local(checked, cfg, run_dir)
+
+
+def _free_port(addr: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
+def _spawned(spec: WorkerSpec, conn: Connection) -> None:
+    outcome = run_worker(spec)
+    try:
+        conn.send(outcome)
+        conn.close()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Skip interpreter shutdown: the outcome is sent, and gloo's threads can abort a normal exit.
+        os._exit(0 if outcome.ok else 1)
+
+
+def _run_local(checked: Checked, cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    import multiprocessing as mp
+
+    launcher = checked.launcher
+    backend = resolve_backend(launcher.backend, launcher.nproc)
+    nproc = launcher.nproc
+    port = launcher.master_port or _free_port(launcher.master_addr)
+    log.info("starting %d worker process(es), backend %s, run folder %s", nproc, backend.name, run_dir)
+    context = mp.get_context("spawn")
+    procs: dict[int, Any] = {}
+    conns: dict[int, Connection] = {}
+    for rank in range(nproc):
+        env = {"MASTER_ADDR": launcher.master_addr, "MASTER_PORT": str(port), "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}  # fmt: skip
+        spec = WorkerSpec(rank, rank, nproc, checked.framework, cfg, str(run_dir), backend.name, env)
+        receive, send = context.Pipe(duplex=False)
+        proc = context.Process(target=_spawned, args=(spec, send), name=f"rank{rank}", daemon=True)
+        proc.start()
+        send.close()
+        procs[rank], conns[rank] = proc, receive
+
+    outcomes: dict[int, Outcome] = {}
+    stopped: set[int] = set()
+    try:
+        _watch(procs, conns, outcomes, stopped, launcher.grace_s)
+    except BaseException:  # Ctrl-C or a bug here: never leave workers behind
+        _stop([p for p in procs.values() if p.is_alive()])
+        raise
+    return _verdict(procs, outcomes, stopped, run_dir)
+
+
+def _watch(procs, conns, outcomes, stopped, grace_s: float) -> None:
+    failed_at: float | None = None
+    open_conns = dict(conns)
+    while any(p.exitcode is None for p in procs.values()) or open_conns:
+        waitables = [p.sentinel for p in procs.values() if p.exitcode is None] + list(open_conns.values())
+        timeout = None if failed_at is None else max(0.0, failed_at + grace_s - time.monotonic())
+        ready = wait(waitables, timeout)
+        for rank, conn in list(open_conns.items()):
+            if conn in ready:
+                try:
+                    outcomes[rank] = conn.recv()
+                except EOFError:
+                    pass
+                del open_conns[rank]
+        for proc in procs.values():
+            if proc.sentinel in ready:
+                proc.join()
+        failing = [r for r, o in outcomes.items() if not o.ok] + [
+            r for r, p in procs.items() if p.exitcode not in (None, 0) and r not in outcomes and r not in open_conns
+        ]
+        if failing and failed_at is None:
+            failed_at = time.monotonic()
+            alive = [r for r, p in procs.items() if p.exitcode is None]
+            if alive:
+                log.info("rank %d failed; stopping the other ranks in %.0f s unless they finish", min(failing), grace_s)
+        if failed_at is not None and time.monotonic() >= failed_at + grace_s:
+            alive = {r: p for r, p in procs.items() if p.exitcode is None}
+            stopped.update(alive)
+            _stop(list(alive.values()))
+            for rank in alive:
+                open_conns.pop(rank, None)
+
+
+def _stop(procs: list[Any], patience: float = 5.0) -> None:
+    for proc in procs:
+        proc.terminate()
+    deadline = time.monotonic() + patience
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join()
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+def _verdict(procs, outcomes: dict[int, Outcome], stopped: set[int], run_dir: Path) -> dict[str, Any]:
+    diagnoses: list[Diagnosis] = []
+    for rank, proc in sorted(procs.items()):
+        outcome = outcomes.get(rank)
+        if outcome is not None and outcome.ok:
+            if proc.exitcode != 0:
+                log.debug("rank %d finished, then exited with %s (ignored)", rank, _exit_text(proc.exitcode))
+            continue
+        if outcome is not None:
+            diagnoses.append(outcome.diagnosis)
+        elif rank not in stopped:
+            diagnoses.append(Diagnosis(
+                rank, "error",
+                f"the process died with {_exit_text(proc.exitcode)} before reporting (killed by the OS, "
+                "for example for memory, or a crash in native code)", "",
+            ))  # fmt: skip
+    if diagnoses:
+        note = ""
+        if stopped:
+            note = f"\n(stopped ranks {', '.join(map(str, sorted(stopped)))} after the failure so none is left waiting)"
+        raise RunFailed(f"{format_failure(diagnoses)}{note}\nLogs: {run_dir}/rank<N>.log")
+    return outcomes[0].summary
+
+
+def _run_in_place(checked: Checked, cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    backend = resolve_backend(checked.launcher.backend, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if rank == 0:
+        log.info("running under torchrun: %d rank(s), backend %s, run folder %s (launcher.nproc is not used)",
+                 world_size, backend.name, run_dir)  # fmt: skip
+    spec = WorkerSpec(rank, local_rank, world_size, checked.framework, cfg, str(run_dir), backend.name)
+    outcome = run_worker(spec)
+    if not outcome.ok:
+        raise RunFailed(f"{format_failure([outcome.diagnosis])}\nLogs: {run_dir}/rank{rank}.log")
+    return outcome.summary

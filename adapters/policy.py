@@ -1,0 +1,147 @@
+"""The DDP policy: one schema that every framework adapter translates into its own settings.
+
+The dataclasses here are registered in Hydra's ConfigStore (see ``adapters.config``), so every
+``conf/ddp/*.yaml`` is checked against them when the config is composed: a misspelt key or a value
+outside an Enum fails before anything runs.
+
+OmegaConf matches Enum values by member *name*, so each member's name equals its value.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional
+
+from omegaconf import MISSING
+
+from .errors import ConfigError, NotAvailableYet
+
+
+class UnusedParams(enum.Enum):
+    """What DDP does about parameters that get no gradient in a step."""
+
+    strict = "strict"  # DDP's default: fastest; stops with "Expected to have finished reduction" if any are unused
+    find = "find"  # find_unused_parameters=True: walks the autograd graph after every forward; always works
+    static = "static"  # static_graph=True: learns the used set in step 1; the set must not change afterwards
+    ignore = "ignore"  # leave named parameters out of DDP's reduction entirely (planned)
+    auto = "auto"  # probe the model before training and pick the cheapest of the above (planned)
+
+
+#: Choices this version implements. The others fail with NotAvailableYet, never a silent fallback.
+IMPLEMENTED_UNUSED_PARAMS = (UnusedParams.strict, UnusedParams.find, UnusedParams.static)
+
+
+class DebugLevel(enum.Enum):
+    """``TORCH_DISTRIBUTED_DEBUG`` for every rank."""
+
+    off = "off"
+    info = "info"  # adds parameter names to DDP's errors; cheap
+    detail = "detail"  # adds collective checks; crashes in DDP's constructor on gloo, so gloo runs get info
+
+
+class Backend(enum.Enum):
+    """torch.distributed backend."""
+
+    auto = "auto"  # nccl when every local rank has its own GPU, else gloo
+    gloo = "gloo"
+    nccl = "nccl"
+
+
+#: DDP keyword arguments the adapters set themselves; ``ddp.kwargs`` may not pass them.
+OWNED_DDP_KWARGS = {
+    "module": "the adapter passes the model",
+    "device_ids": "set per rank by the adapter (the local GPU, or None on CPU)",
+    "output_device": "set per rank by the adapter",
+    "process_group": "the adapter uses the default process group",
+    "find_unused_parameters": "use ddp.unused_params=find",
+    "static_graph": "use ddp.unused_params=static",
+    "broadcast_buffers": "use ddp.broadcast_buffers",
+    "bucket_cap_mb": "use ddp.bucket_cap_mb",
+    "gradient_as_bucket_view": "use ddp.gradient_as_bucket_view",
+}
+
+
+@dataclass
+class DDPPolicy:
+    """The ``ddp`` node: one policy, mapped by each adapter onto its framework's own settings."""
+
+    # strict | find | static (ignore, auto: planned). See UnusedParams.
+    unused_params: UnusedParams = UnusedParams.strict
+    # off | info | detail: TORCH_DISTRIBUTED_DEBUG, set in every rank before the process group exists.
+    debug: DebugLevel = DebugLevel.off
+    # Pass-through DDP settings. None keeps the framework's own default (mmengine's broadcast_buffers
+    # default is False, torch's is True), so only what the user sets is sent.
+    broadcast_buffers: Optional[bool] = None
+    bucket_cap_mb: Optional[float] = None
+    gradient_as_bucket_view: Optional[bool] = None
+    # Seconds a collective may wait before the process group gives up (None: torch's default).
+    timeout_s: Optional[int] = None
+    # Any other DistributedDataParallel keyword argument, checked against its signature before launch.
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LauncherConfig:
+    """The ``launcher`` node: how worker processes are started on this machine."""
+
+    # local: this process spawns the workers. Under torchrun the world comes from its environment instead.
+    name: str = "local"
+    # Worker processes on this machine (one GPU each when the backend is nccl).
+    nproc: int = 2
+    backend: Backend = Backend.auto
+    master_addr: str = "127.0.0.1"
+    # 0 picks a free port.
+    master_port: int = 0
+    # After one rank fails, how long the others get to report their own error before they are stopped.
+    grace_s: float = 3.0
+
+
+@dataclass
+class RunConfig:
+    """The root of the composed config. ``framework`` is typed by each framework's own schema."""
+
+    framework: Any = MISSING
+    ddp: DDPPolicy = field(default_factory=DDPPolicy)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+def schema_keys(schema: type) -> list[str]:
+    return [f.name for f in fields(schema)]
+
+
+def check_available(policy: DDPPolicy) -> None:
+    """Refuse the documented choices that this version does not implement yet."""
+    if policy.unused_params not in IMPLEMENTED_UNUSED_PARAMS:
+        implemented = ", ".join(c.name for c in IMPLEMENTED_UNUSED_PARAMS)
+        raise NotAvailableYet(
+            f"ddp.unused_params={policy.unused_params.name} is not available yet in this version.\n"
+            f"Available now: {implemented}.\n"
+            "Fix: ddp=safe (find) works for any model; ddp=static is cheaper when the same parameters "
+            "are unused in every step."
+        )
+
+
+def check_kwargs(policy: DDPPolicy) -> None:
+    """Check ``ddp.kwargs`` against DistributedDataParallel's signature (imports torch only when used)."""
+    if not policy.kwargs:
+        return
+    for key in policy.kwargs:
+        if key in OWNED_DDP_KWARGS:
+            raise ConfigError(f"ddp.kwargs.{key} cannot be passed through: {OWNED_DDP_KWARGS[key]}.")
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    accepted = sorted(set(inspect.signature(DistributedDataParallel.__init__).parameters) - {"self"})
+    for key in policy.kwargs:
+        if key not in accepted:
+            import difflib
+
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f" Did you mean ddp.kwargs.{close[0]}?" if close else ""
+            passable = ", ".join(k for k in accepted if k not in OWNED_DDP_KWARGS)
+            raise ConfigError(
+                f"ddp.kwargs.{key} is not a DistributedDataParallel argument.{hint}\n"
+                f"Arguments that can be passed through: {passable}."
+            )

@@ -1,0 +1,146 @@
+"""One rank: set the environment, create the process group, run the adapter, explain a failure, tear down.
+
+The same code runs in a process spawned by the local launcher and in a process started by torchrun.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .diagnose import Diagnosis, diagnose
+
+LOG_FORMAT = "[%(asctime)s][rank %(rank)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a rank needs, as plain values (a spawned process has no Hydra state)."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    framework: str
+    cfg: dict[str, Any]  # resolved {"framework": ..., "ddp": ..., "launcher": ...}
+    run_dir: str
+    backend: str
+    env: dict[str, str] = field(default_factory=dict)  # set before torch.distributed reads it
+
+
+@dataclass
+class Outcome:
+    rank: int
+    ok: bool
+    summary: dict[str, Any] = field(default_factory=dict)
+    diagnosis: Diagnosis | None = None
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return True
+
+
+def setup_logging(rank: int, run_dir: Path) -> logging.Logger:
+    """Rank 0 shows progress on the console; every rank logs everything to <run folder>/rank<N>.log."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    formatter = logging.Formatter(LOG_FORMAT)
+    console = logging.StreamHandler(sys.stdout)
+    console.setLevel(logging.INFO if rank == 0 else logging.ERROR)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logfile = logging.FileHandler(run_dir / f"rank{rank}.log")
+    for handler in (console, logfile):
+        handler.setFormatter(formatter)
+        handler.addFilter(_RankFilter(rank))
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    return logging.getLogger("adapters")
+
+
+def run_worker(spec: WorkerSpec) -> Outcome:
+    """Run one rank to the end. Never raises: a failure comes back as an Outcome with a Diagnosis."""
+    os.environ.update(spec.env)
+    log = setup_logging(spec.rank, Path(spec.run_dir))
+    ctx = None
+    try:
+        import torch
+        import torch.distributed as dist
+
+        from .base import WorkerContext
+        from .config import to_object
+        from .policy import Backend, DDPPolicy
+        from .registry import load_adapter
+
+        # TORCH_DISTRIBUTED_DEBUG is read when torch.distributed is first imported; setting os.environ
+        # later (as seed 000 advises) changes nothing unless the level is read again.
+        dist.set_debug_level_from_env()
+        adapter = load_adapter(spec.framework)
+        from omegaconf import OmegaConf
+
+        policy = to_object(OmegaConf.create(spec.cfg["ddp"]), DDPPolicy, "ddp")
+        backend = Backend[spec.backend]
+        native = adapter.translate(policy, backend=backend)
+        os.environ.update(native.env)
+        dist.set_debug_level_from_env()
+        device = "cpu"
+        if backend is Backend.nccl:
+            torch.cuda.set_device(spec.local_rank)
+            device = f"cuda:{spec.local_rank}"
+        kwargs = {}
+        if policy.timeout_s:
+            from datetime import timedelta
+
+            kwargs["timeout"] = timedelta(seconds=policy.timeout_s)
+        dist.init_process_group(backend.name, rank=spec.rank, world_size=spec.world_size, **kwargs)
+        ctx = WorkerContext(
+            rank=spec.rank, local_rank=spec.local_rank, world_size=spec.world_size, backend=backend,
+            device=device, run_dir=Path(spec.run_dir), cfg=spec.cfg, policy=policy, native=native, log=log,
+        )  # fmt: skip
+        if spec.rank == 0:
+            for note in native.notes[1:]:
+                log.info(note)
+            log.info("ddp.unused_params=%s -> %s", policy.unused_params.name, native.snippet)
+        summary = adapter.run(ctx)
+        outcome = Outcome(spec.rank, True, summary=summary or {})
+    except BaseException as exc:  # a rank must report, whatever went wrong
+        tb = traceback.format_exc()
+        # The traceback goes to this rank's log file only; the launcher prints one explanation for all ranks.
+        with open(Path(spec.run_dir) / f"rank{spec.rank}.log", "a") as f:
+            f.write(tb)
+        outcome = Outcome(spec.rank, False, diagnosis=diagnose(exc, spec.rank, ctx and ctx.ddp_model, tb))
+    _teardown(ctx, outcome.ok)
+    return outcome
+
+
+def _teardown(ctx: Any, ok: bool) -> None:
+    """Drop DDP before the process group, and wait for the others only when this rank finished well.
+
+    Gloo's worker threads can abort the interpreter at exit when the group is left alive; a failed rank
+    does not wait at a barrier its peers may never reach.
+    """
+    if ctx is not None:
+        ctx.ddp_model = None
+    gc.collect()
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            if ok:
+                dist.barrier()
+            dist.destroy_process_group()
+    except Exception:  # tearing down after a failure must not hide the failure
+        logging.getLogger("adapters").debug("teardown failed", exc_info=True)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
