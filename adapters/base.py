@@ -67,6 +67,17 @@ def debug_env(policy: DDPPolicy, backend: Backend) -> tuple[dict[str, str], tupl
     return {"TORCH_DISTRIBUTED_DEBUG": policy.debug.name.upper()}, ()
 
 
+def describe_ddp(model: Any) -> dict[str, Any]:
+    """The unused-parameter and pass-through settings as DDP really holds them (proof they were applied)."""
+    return {
+        "find_unused_parameters": model.find_unused_parameters,
+        "static_graph": model.static_graph,
+        "broadcast_buffers": model.broadcast_buffers,
+        "bucket_cap_mb": round(model.bucket_bytes_cap / 1024**2, 3),
+        "gradient_as_bucket_view": model.gradient_as_bucket_view,
+    }
+
+
 @dataclass
 class WorkerContext:
     """What a worker process knows when ``Adapter.run`` is called. The process group already exists."""
@@ -94,8 +105,10 @@ class WorkerContext:
         return [self.local_rank] if self.device.startswith("cuda") else None
 
     def track_ddp(self, model: Any) -> Any:
-        """Remember the DDP-wrapped model so its errors can be explained with parameter names."""
+        """Remember the DDP-wrapped model so its errors can be explained with parameter names, and log
+        the settings DDP really holds."""
         self.ddp_model = model
+        self.log.info("DDP as built: %s", ", ".join(f"{k}={v}" for k, v in describe_ddp(model).items()))
         return model
 
 

@@ -86,8 +86,19 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             argv.append("hydra.output_subdir=null")
     sys.argv = [sys.argv[0], *argv]
     main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_task)
-    main()
-    return 0
+    if not torchrun_env():
+        main()
+        return 0
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    # A torchrun rank exits without interpreter shutdown: gloo's threads can abort a normal exit.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # --- python -m adapters -----------------------------------------------------------------------------

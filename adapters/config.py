@@ -135,6 +135,8 @@ def compose(overrides: Sequence[str] = (), *, with_choices: bool = False) -> Any
 _COULD_NOT_OVERRIDE = re.compile(r"Could not override '([^']+)'")
 _INVALID_VALUE = re.compile(r"Invalid value '([^']*)', expected one of \[([^\]]*)\]")
 _FULL_KEY = re.compile(r"full_key: (\S+)")
+_NO_OPTION = re.compile(r"Could not find '([^']+)/([^'/]+)'")
+_OPTIONS = re.compile(r"Available options in '[^']+':\n((?:\t.*\n?)+)")
 
 
 def _explain_compose_error(exc: Exception, overrides: Sequence[str]) -> ConfigError:
@@ -144,6 +146,14 @@ def _explain_compose_error(exc: Exception, overrides: Sequence[str]) -> ConfigEr
     missing = _COULD_NOT_OVERRIDE.search(text)
     if missing:
         key = missing.group(1)
+        deeper = _FULL_KEY.search(detail)
+        if deeper and deeper.group(1).startswith(key + "."):
+            override = next((o for o in overrides if _override_key(o) == key), key)
+            return ConfigError(
+                f"{override}: this adds {deeper.group(1)}, which {key} does not have yet.\n"
+                f"Fix: ++{override.lstrip('+')} (sets the node, adding keys), or add one key at a time with "
+                f"+{deeper.group(1)}=<value>."
+            )
         others = [o for o in overrides if not _override_key(o) == key]
         parent = key.rpartition(".")[0]
         try:
@@ -151,6 +161,15 @@ def _explain_compose_error(exc: Exception, overrides: Sequence[str]) -> ConfigEr
         except ConfigError:
             node = None
         return unknown_key_error(key, [str(k) for k in node.keys()] if isinstance(node, DictConfig) else [])
+    no_option = _NO_OPTION.search(text)
+    if no_option:
+        group, option = no_option.groups()
+        options = _OPTIONS.search(text)
+        listed = ", ".join(o.strip() for o in options.group(1).splitlines() if o.strip()) if options else "none"
+        return ConfigError(
+            f"{group}={option}: there is no such option in the '{group}' group.\n"
+            f"Available: {listed}.\nFix: {group}=<one of them>."
+        )
     invalid = _INVALID_VALUE.search(detail)
     if invalid:
         full_key = _FULL_KEY.search(detail)
@@ -176,6 +195,8 @@ def unknown_key_error(key: str, valid: Sequence[str]) -> ConfigError:
         lines.append(f"Valid keys in {parent or 'the config'}: {', '.join(valid)}.")
     if close:
         lines.append(f"Fix: {prefix}{close[0]}=<value>.")
+    elif not valid and parent:
+        lines.append(f"{parent} is an open mapping: add the key with +{key}=<value>.")
     return ConfigError("\n".join(lines))
 
 

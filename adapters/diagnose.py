@@ -18,6 +18,11 @@ from typing import Any, Iterable
 REDUCTION_MARKER = "Expected to have finished reduction in the prior iteration"
 GRAPH_CHANGED_MARKER = "training graph has changed in this iteration"
 READY_TWICE_MARKERS = ("marked as ready twice", "Expected to mark a variable ready only once")
+# A rank whose peer died sees one of these: a consequence of the failure, not its cause.
+PEER_LOST_MARKERS = (
+    "Connection closed by peer", "Connection reset by peer", "remote worker crashing", "Broken pipe",
+    "NCCL communicator was aborted", "remote process exited or there was a network error",
+)  # fmt: skip
 _INDICES = re.compile(r"Parameter indices which did not receive grad for rank (\d+):((?: \d+)+)")
 
 
@@ -26,7 +31,7 @@ class Diagnosis:
     """One rank's explanation of a failure, small enough to send between processes."""
 
     rank: int
-    kind: str  # unused_parameters | graph_changed | ready_twice | error
+    kind: str  # unused_parameters | graph_changed | ready_twice | peer_lost | error
     summary: str  # one line
     original: str  # the exception as torch (or the framework) raised it
     unused: list[str] = field(default_factory=list)  # exact parameter names, DDP's order
@@ -109,6 +114,8 @@ def diagnose(exc: BaseException, rank: int, ddp_model: Any = None, tb: str = "")
             "a parameter's gradient was produced twice in one step (reentrant checkpointing or reuse)",
             original, traceback=tb,
         )  # fmt: skip
+    if any(marker in text for marker in PEER_LOST_MARKERS):
+        return Diagnosis(rank, "peer_lost", "lost its connection to a rank that stopped", original, traceback=tb)
     return Diagnosis(rank, "error", original.splitlines()[0] if original else type(exc).__name__, original,
                      traceback=tb)  # fmt: skip
 
@@ -155,6 +162,7 @@ def format_failure(diagnoses: list[Diagnosis], *, context: str = "") -> str:
     by_kind: dict[str, list[Diagnosis]] = defaultdict(list)
     for d in sorted(diagnoses, key=lambda d: d.rank):
         by_kind[d.kind].append(d)
+    consequences = by_kind.pop("peer_lost", []) if len(by_kind) > 1 else []
     for kind, group in by_kind.items():
         if kind in ("unused_parameters", "graph_changed"):
             lines.append(f"DDP stopped on {_ranks(d.rank for d in group)}: {group[0].summary}.")
@@ -169,7 +177,7 @@ def format_failure(diagnoses: list[Diagnosis], *, context: str = "") -> str:
                     full = [f"{module}.{leaf}" if module != "(root module)" else leaf for leaf in leaves]
                     rank_sets = {frozenset(where[n]) for n in full}
                     on = _ranks(next(iter(rank_sets))) if len(rank_sets) == 1 else "some ranks"
-                    lines.append(f"  {module}: {', '.join(leaves)}   ({on})")
+                    lines.append(f"  {module} ({on}): {', '.join(full)}")
                 aliases = {n: a for d in group for n, a in d.aliases.items()}
                 for name, other in aliases.items():
                     lines.append(f"  ({name} is shared; also reachable as {', '.join(other)})")
@@ -179,6 +187,11 @@ def format_failure(diagnoses: list[Diagnosis], *, context: str = "") -> str:
             lines.append(_FIXES[kind])
             if context:
                 lines.append(context)
+        elif kind == "peer_lost":
+            lines.append(
+                f"{_ranks(d.rank for d in group).capitalize()} lost the connection to another rank, "
+                "which stopped without reporting why (see its log)."
+            )
         elif kind == "ready_twice":
             lines.append(f"DDP stopped on {_ranks(d.rank for d in group)}: {group[0].summary}.")
             lines.append(_FIXES[kind])
@@ -186,6 +199,14 @@ def format_failure(diagnoses: list[Diagnosis], *, context: str = "") -> str:
             for d in group:
                 lines.append(f"rank {d.rank} failed: {d.summary}")
         first = group[0]
-        lines.append(f"\ntorch's original error (rank {first.rank}):")
-        lines.extend("  " + line for line in first.original.splitlines())
+        if kind == "error":
+            lines.append(f"\nThe original error (rank {first.rank}):")
+            lines.extend("  " + line for line in (first.traceback or first.original).rstrip().splitlines())
+        else:
+            lines.append(f"\ntorch's original error (rank {first.rank}):")
+            lines.extend("  " + line for line in first.original.splitlines())
+    if consequences:
+        lines.append(
+            f"\n({_ranks(d.rank for d in consequences)} then lost the connection to it: a consequence, not a cause.)"
+        )
     return "\n".join(lines)

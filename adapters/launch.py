@@ -74,7 +74,7 @@ def _run_local(checked: Checked, cfg: dict[str, Any], run_dir: Path) -> dict[str
                "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}  # fmt: skip
         spec = WorkerSpec(rank, rank, nproc, checked.framework, cfg, str(run_dir), backend.name, env)
         receive, send = context.Pipe(duplex=False)
-        proc = context.Process(target=_spawned, args=(spec, send), name=f"rank{rank}", daemon=True)
+        proc = context.Process(target=_spawned, args=(spec, send), name=f"rank{rank}")
         proc.start()
         send.close()
         procs[rank], conns[rank] = proc, receive

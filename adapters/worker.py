@@ -104,6 +104,11 @@ def run_worker(spec: WorkerSpec) -> Outcome:
 
             kwargs["timeout"] = timedelta(seconds=policy.timeout_s)
         dist.init_process_group(backend.name, rank=spec.rank, world_size=spec.world_size, **kwargs)
+        log.info(
+            "rank %d/%d on %s, backend %s, TORCH_DISTRIBUTED_DEBUG=%s (torch.distributed reads: %s)",
+            spec.rank, spec.world_size, device, backend.name, os.environ.get("TORCH_DISTRIBUTED_DEBUG", "unset"),
+            dist.get_debug_level().name,
+        )  # fmt: skip
         ctx = WorkerContext(
             rank=spec.rank, local_rank=spec.local_rank, world_size=spec.world_size, backend=backend,
             device=device, run_dir=Path(spec.run_dir), cfg=spec.cfg, policy=policy, native=native, log=log,
@@ -115,13 +120,24 @@ def run_worker(spec: WorkerSpec) -> Outcome:
         summary = adapter.run(ctx)
         outcome = Outcome(spec.rank, True, summary=summary or {})
     except BaseException as exc:  # a rank must report, whatever went wrong
-        tb = traceback.format_exc()
+        tb = _short_traceback(exc)
         # The traceback goes to this rank's log file only; the launcher prints one explanation for all ranks.
         with open(Path(spec.run_dir) / f"rank{spec.rank}.log", "a") as f:
             f.write(tb)
         outcome = Outcome(spec.rank, False, diagnosis=diagnose(exc, spec.rank, ctx and ctx.ddp_model, tb))
     _teardown(ctx, outcome.ok)
     return outcome
+
+
+def _short_traceback(exc: BaseException) -> str:
+    """The traceback without torch's own frames (nn.Module call plumbing), keeping the frame that raised."""
+    import torch
+
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    frames = traceback.extract_tb(exc.__traceback__)
+    kept = [f for i, f in enumerate(frames) if not f.filename.startswith(torch_dir) or i == len(frames) - 1]
+    lines = ["Traceback (most recent call last, torch's frames left out):\n", *traceback.format_list(kept)]
+    return "".join(lines + traceback.format_exception_only(type(exc), exc))
 
 
 def _teardown(ctx: Any, ok: bool) -> None:

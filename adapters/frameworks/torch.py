@@ -160,16 +160,32 @@ def _split(node: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return target, node
 
 
+def locate(target: str) -> Any:
+    """The object a dotted path names (module attribute, or nested attribute)."""
+    import importlib
+
+    parts = target.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError as exc:
+            if exc.name and not ".".join(parts[:cut]).startswith(exc.name):
+                raise  # the module exists but something it imports does not
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(f"no module found in '{target}'")
+
+
 def _check_target(path: str, node: dict[str, Any]) -> None:
     """The target imports and accepts the arguments given: checked once, before any process starts."""
-    from hydra.utils import get_object
-
     target, args = _split(node)
     if not target:
         raise ConfigError(f"{path}._target_ is missing: name the class or function to build, e.g. {DEMO_MODEL}.")
     try:
-        obj = get_object(target)
-    except Exception as exc:  # hydra raises ImportError or its own exception type
+        obj = locate(target)
+    except (ImportError, AttributeError) as exc:
         raise ConfigError(
             f"{path}._target_={target} cannot be imported: {exc}\n"
             "Fix: make the module importable (installed, or on PYTHONPATH) and check the spelling."
@@ -190,11 +206,11 @@ def _check_target(path: str, node: dict[str, Any]) -> None:
 
 def build(path: str, node: dict[str, Any], **offered: Any) -> Any:
     """Instantiate ``node`` (nested ``_target_`` nodes too). ``offered`` arguments go only where taken."""
-    from hydra.utils import get_object, instantiate
+    from hydra.utils import instantiate
 
     target, args = _split(node)
     try:
-        params = inspect.signature(get_object(target)).parameters
+        params = inspect.signature(locate(target)).parameters
     except (TypeError, ValueError):
         params = {}
     extra = {k: v for k, v in offered.items() if k in params and k not in args}

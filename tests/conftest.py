@@ -1,0 +1,38 @@
+"""Helpers shared by the tests: run train.py for real, in its own folder, and read what it left behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "train.py"
+# my_pkg (a user's own model and data) is importable in every rank through PYTHONPATH.
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "HYDRA_FULL_ERROR": ""}
+
+
+def run(cmd: list[str], cwd: Path, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command to the end. The timeout is a hang guard, not a speed goal."""
+    return subprocess.run(cmd, cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+
+
+def train(cwd: Path, *overrides: str, **kwargs) -> subprocess.CompletedProcess:
+    return run([sys.executable, str(TRAIN), *overrides], cwd, **kwargs)
+
+
+def run_dirs(cwd: Path) -> list[Path]:
+    """The run folders train.py created under ``cwd`` (Hydra's outputs/<date>/<time>)."""
+    return sorted(p for p in (cwd / "outputs").glob("*/*") if p.is_dir())
+
+
+def output(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path
