@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import re
-import shutil
 import sys
 
 import pytest
 
 from adapter_contract import AdapterContract
-from conftest import REPO, TRAIN, output, run, run_dirs, train
+from conftest import TRAIN, output, run, run_dirs, train
 
 STRICT_FAILS = ["framework.deep_supervision=false", "ddp=strict"]
 
@@ -96,9 +95,9 @@ def test_overrides_reach_ddp_in_every_rank(workdir):
 
 @pytest.mark.slow
 def test_torchrun_runs_the_same_app_with_one_run_folder(workdir):
-    torchrun = shutil.which("torchrun", path=str(REPO / ".venv" / "bin")) or shutil.which("torchrun")
-    cmd = [torchrun or sys.executable, *([] if torchrun else ["-m", "torch.distributed.run"])]
-    proc = run([*cmd, "--nproc_per_node=2", str(TRAIN), "ddp=safe", "framework.steps=10"], workdir)
+    # python -m torch.distributed.run is the torchrun command, from the same environment as the tests.
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    proc = run([*torchrun, "--nproc_per_node=2", str(TRAIN), "ddp=safe", "framework.steps=10"], workdir)
     assert proc.returncode == 0, output(proc)
     assert "running under torchrun: 2 rank(s)" in proc.stdout
     assert proc.stdout.count("step 10/10") == 1

@@ -1,0 +1,46 @@
+"""Test sessions, one environment per framework.
+
+`python3 -m nox` runs the default sessions (lint, torch). Each framework gets its own environment:
+fastNLP pins rich==11.2.0, which mmengine cannot use, so they never share one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["lint", "torch"]
+nox.options.error_on_missing_interpreters = True
+
+# A CPU build of torch that lies on this project's machines' disk; any torch>=2.1 works elsewhere.
+TORCH = os.environ.get("ADAPTERS_TORCH", "torch==2.13.0")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff: lint rules and formatting."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(name="torch")
+def torch_(session: nox.Session) -> None:
+    """The core and framework=torch: real DDP, several processes, gloo on CPU (nccl where GPUs are)."""
+    session.install(TORCH, "-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(default=False)
+def demo(session: nox.Session) -> None:
+    """Install and run the built-in demo: `nox -s demo -- ddp=safe framework.deep_supervision=false`."""
+    session.install(TORCH, "-e", ".")
+    session.run("python", "train.py", *session.posargs)
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Benchmarks: the per-step cost of each ddp preset, side by side in one run."""
+    session.install(TORCH, "-e", ".")
+    session.run("python", "benchmarks/ddp_presets.py", *session.posargs)
