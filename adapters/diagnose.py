@@ -136,9 +136,9 @@ def _ranks(ranks: Iterable[int]) -> str:
 _FIXES = {
     "unused_parameters": (
         "Fix it with one word on the command line:\n"
-        "  ddp=static   static_graph=True. Cheapest, when the same parameters are unused in every step.\n"
-        "  ddp=safe     find_unused_parameters=True. Works whatever changes between steps; costs a walk of\n"
-        "               the autograd graph in every step.\n"
+        "  ddp=static   static_graph=True. No per-step search; needs the same parameters unused in every step.\n"
+        "  ddp=safe     find_unused_parameters=True. Works whatever changes between steps; walks the autograd\n"
+        "               graph after every forward to find them.\n"
         "  (the same as ddp.unused_params=static / ddp.unused_params=find)\n"
         "Or make the loss use them, or freeze them (requires_grad=False) so DDP does not wait for them."
     ),
