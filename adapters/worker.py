@@ -114,7 +114,7 @@ def run_worker(spec: WorkerSpec) -> Outcome:
             device=device, run_dir=Path(spec.run_dir), cfg=spec.cfg, policy=policy, native=native, log=log,
         )  # fmt: skip
         if spec.rank == 0:
-            for note in native.notes[1:]:
+            for note in native.notes:
                 log.info(note)
             log.info("ddp.unused_params=%s -> %s", policy.unused_params.name, native.snippet)
         summary = adapter.run(ctx)
