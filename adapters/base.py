@@ -69,6 +69,8 @@ def debug_env(policy: DDPPolicy, backend: Backend) -> tuple[dict[str, str], tupl
 
 def describe_ddp(model: Any) -> dict[str, Any]:
     """The unused-parameter and pass-through settings as DDP really holds them (proof they were applied)."""
+    if not hasattr(model, "bucket_bytes_cap"):  # not a DistributedDataParallel (e.g. a per-submodule wrapper)
+        return {"wrapper": type(model).__name__}
     return {
         "find_unused_parameters": model.find_unused_parameters,
         "static_graph": model.static_graph,

@@ -33,8 +33,8 @@ PRESET_DDP_KWARGS = {
 class AdapterContract:
     name: str
 
-    def native(self, ddp_kwargs: dict) -> dict:
-        """The framework's own settings that carry ``ddp_kwargs``."""
+    def native(self, ddp_kwargs: dict, backend: Backend) -> dict:
+        """The framework's own settings that carry ``ddp_kwargs`` on ``backend``."""
         raise NotImplementedError
 
     @property
@@ -49,7 +49,7 @@ class AdapterContract:
         checked = validate(compose([f"framework={self.name}", f"ddp={preset}"]), for_run=False)
         for backend in (Backend.gloo, Backend.nccl):
             native = self.adapter.translate(checked.policy, backend=backend)
-            assert dict(native.settings) == self.native(PRESET_DDP_KWARGS[preset])
+            assert dict(native.settings) == self.native(PRESET_DDP_KWARGS[preset], backend)
             assert native == self.adapter.translate(checked.policy, backend=backend), "translate is pure"
             json.dumps(dict(native.settings))
             assert set(native.env) <= {"TORCH_DISTRIBUTED_DEBUG"}

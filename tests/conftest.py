@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -36,3 +37,15 @@ def output(proc: subprocess.CompletedProcess) -> str:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+def requires(framework: str):
+    """Skip a test when the framework is not installed here; fail instead where the session requires it.
+
+    The framework's nox session sets ADAPTERS_REQUIRE=<name>, so a broken install can never pass as skips.
+    """
+    from adapters import registry
+
+    missing = [m for m in registry.entry(framework).requires if importlib.util.find_spec(m) is None]
+    required = framework in os.environ.get("ADAPTERS_REQUIRE", "").split(",")
+    return pytest.mark.skipif(bool(missing) and not required, reason=f"{framework} not installed: {missing}")

@@ -117,5 +117,5 @@ def test_torchrun_strict_failure_is_explained(workdir):
 class TestTorchAdapter(AdapterContract):
     name = "torch"
 
-    def native(self, ddp_kwargs):
+    def native(self, ddp_kwargs, backend):
         return {"ddp_kwargs": ddp_kwargs}

@@ -1,0 +1,133 @@
+"""framework=mmdet: real MMDetection detectors under mmengine's Runner, 2 processes, gloo on CPU."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import pytest
+
+from adapters.policy import Backend
+
+from adapter_contract import AdapterContract
+from conftest import output, requires, run_dirs, train
+
+mmdet = requires("mmdet")
+# A config that ships with mmdet and really has parameters outside the loss: MobileNetV2's last 1x1 conv
+# (backbone.conv2) is built but out_indices=(2, 4, 6) never uses its output. The config papers over it
+# with a top-level find_unused_parameters = True.
+YOLO = "mmdet::yolo/yolov3_mobilenetv2_8xb24-ms-416-300e_coco.py"
+SMALL = ["framework=mmdet", "framework.max_iters=2", "framework.num_images=8", "framework.image_size=96"]
+
+
+class TestMMDetAdapter(AdapterContract):
+    name = "mmdet"
+
+    def native(self, ddp_kwargs, backend):
+        wrapper = {"type": "MMDistributedDataParallel", "broadcast_buffers": False, **ddp_kwargs}
+        if backend is not Backend.nccl:
+            wrapper["device_ids"] = None
+        return {"model_wrapper_cfg": wrapper, "env_cfg.dist_cfg.backend": backend.name, "launcher": "pytorch"}
+
+
+def test_explain_prints_the_config_fragment():
+    from adapters.cli import explain
+
+    text = explain(["framework=mmdet", "ddp=safe"])
+    assert ("model_wrapper_cfg = dict(type='MMDistributedDataParallel', find_unused_parameters=True, "
+            "broadcast_buffers=False, device_ids=None)") in text  # fmt: skip
+
+
+@mmdet
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,found", [("safe", "True"), ("strict", "False")])
+def test_retinanet_demo_trains(workdir, preset, found):
+    proc = train(workdir, "framework=mmdet", f"ddp={preset}", timeout=400)
+    assert proc.returncode == 0, output(proc)
+    assert len(re.findall(r"Iter\(train\) \[4/4\]", proc.stdout)) == 1, "mmengine's progress, from rank 0 only"
+    [run_dir] = run_dirs(workdir)
+    for rank in (0, 1):
+        log = (run_dir / f"rank{rank}.log").read_text()
+        assert f"'find_unused_parameters': {found}" in log or preset == "strict"
+        assert f"runner.model: MMDistributedDataParallel, find_unused_parameters={found}" in log
+    assert (run_dir / "data" / "annotations.json").is_file() and (run_dir / "work_dir").is_dir()
+
+
+@mmdet
+@pytest.mark.slow
+def test_real_config_with_unused_parameters_stops_with_names(workdir):
+    proc = train(workdir, *SMALL, f"framework.config={YOLO}", "framework.synthetic_data=true", "ddp=strict",
+                 timeout=400)  # fmt: skip
+    assert proc.returncode == 1, output(proc)
+    err = proc.stderr
+    assert "DDP stopped on ranks 0, 1: 3 parameters got no gradient" in err, err
+    assert "backbone.conv2.conv (ranks 0, 1): backbone.conv2.conv.weight" in err
+    assert "backbone.conv2.bn (ranks 0, 1): backbone.conv2.bn.weight, backbone.conv2.bn.bias" in err
+    assert "ddp=static" in err and "ddp=safe" in err
+    # The config's own top-level switch is named as ignored, in one line.
+    assert "top-level find_unused_parameters=True is ignored" in proc.stdout + err
+
+
+@mmdet
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["safe", "static"])
+def test_real_config_trains_with_the_fix(workdir, preset):
+    proc = train(workdir, *SMALL, f"framework.config={YOLO}", "framework.synthetic_data=true", f"ddp={preset}",
+                 timeout=400)  # fmt: skip
+    assert proc.returncode == 0, output(proc)
+    assert "Iter(train) [2/2]" in proc.stdout
+
+
+@mmdet
+@pytest.mark.slow
+def test_own_config_keeps_its_data_and_wrapper_and_names_the_seed_002_trap(workdir):
+    from adapters.frameworks.mmdet import write_synthetic_coco
+
+    write_synthetic_coco(workdir / "mydata", num_images=8, size=96, seed=1)
+    config = workdir / "my_retinanet.py"
+    config.write_text(f"""
+_base_ = 'mmdet::retinanet/retinanet_r18_fpn_1x_coco.py'
+model = dict(
+    backbone=dict(init_cfg=None),
+    bbox_head=dict(num_classes=1),
+    train_cfg=dict(find_unused_parameters=True),  # seed 002's advice: never read by the runner
+)
+model_wrapper_cfg = dict(type='MMDistributedDataParallel', broadcast_buffers=True)
+train_dataloader = dict(dataset=dict(
+    data_root={str(workdir / "mydata")!r}, ann_file='annotations.json', data_prefix=dict(img='images/'),
+    metainfo=dict(classes=('box',)),
+    pipeline=[dict(type='LoadImageFromFile'), dict(type='LoadAnnotations', with_bbox=True),
+              dict(type='Resize', scale=(96, 96), keep_ratio=True), dict(type='PackDetInputs')]))
+""")
+    proc = train(workdir, "framework=mmdet", f"framework.config={config}", "framework.max_iters=2", "ddp=safe",
+                 timeout=400)  # fmt: skip
+    assert proc.returncode == 0, output(proc)
+    [run_dir] = run_dirs(workdir)
+    log = (run_dir / "rank0.log").read_text()
+    assert "model.train_cfg.find_unused_parameters=True is never read by mmengine's runner" in log
+    assert "'broadcast_buffers': True" in log and "'find_unused_parameters': True" in log
+    assert not (run_dir / "data").exists(), "their own data paths are used"
+
+
+@mmdet
+@pytest.mark.parametrize("content,words", [
+    (None, "no such file"),
+    ("x = 1\n", "defines no `model`"),
+])  # fmt: skip
+def test_bad_config_is_refused_before_launch(workdir, content, words):
+    path = workdir / "bad.py"
+    if content is not None:
+        path.write_text(content)
+    proc = train(workdir, "framework=mmdet", f"framework.config={path}")
+    assert proc.returncode == 2, output(proc)
+    assert f"framework.config={path}" in proc.stderr and words in proc.stderr
+    assert run_dirs(workdir) == []
+
+
+def test_explain_imports_neither_mmdet_nor_mmengine():
+    import subprocess
+
+    code = ("import sys; from adapters.cli import explain; explain(['framework=mmdet', 'ddp=static']); "
+            "print([m for m in ('mmdet', 'mmengine', 'mmcv') if m in sys.modules])")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
