@@ -10,7 +10,7 @@ import os
 
 import nox
 
-nox.options.sessions = ["lint", "torch", "mmdet"]
+nox.options.sessions = ["lint", "torch", "mmdet", "fastnlp"]
 nox.options.error_on_missing_interpreters = True
 
 # A CPU build of torch that lies on this project's machines' disk; any torch>=2.1 works elsewhere.
@@ -43,6 +43,13 @@ def mmdet(session: nox.Session) -> None:
     session.install("--no-build-isolation", "mmcv==2.1.0", env={"MMCV_WITH_OPS": "1", "FORCE_CUDA": "0"})
     session.install("-e", ".[mmdet,test]")
     session.run("pytest", "tests/test_mmdet.py", *session.posargs, env={"ADAPTERS_REQUIRE": "mmdet"})
+
+
+@nox.session
+def fastnlp(session: nox.Session) -> None:
+    """framework=fastnlp: fastNLP 1.0.1 (pins rich==11.2.0, so never in the mmdet environment)."""
+    session.install(TORCH, "-e", ".[fastnlp,test]")
+    session.run("pytest", "tests/test_fastnlp.py", *session.posargs, env={"ADAPTERS_REQUIRE": "fastnlp"})
 
 
 @nox.session(default=False)

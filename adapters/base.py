@@ -130,5 +130,9 @@ class Adapter(abc.ABC):
     def run(self, ctx: WorkerContext) -> dict[str, Any]:
         """Train in this worker with ``ctx.native`` applied. Returns a small summary (rank 0's is shown)."""
 
+    def framework_inits_process_group(self, backend: Backend) -> bool:
+        """True where the framework insists on creating the process group itself (default: we create it)."""
+        return False
+
     def validate(self, framework_cfg: Any) -> None:  # noqa: B027 - optional hook, not abstract
         """Checks of the ``framework`` node beyond its schema, run before launch (default: none)."""

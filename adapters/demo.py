@@ -79,3 +79,45 @@ class SyntheticBlobs(Dataset):
         mask = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r).long()
         noise = 0.3 * torch.randn(self.in_channels, n, n, generator=g)
         return {"image": mask[None].float().expand(self.in_channels, n, n) + noise, "target": mask}
+
+
+class TextClassifier(nn.Module):
+    """Embedding, GRU encoder, a main head and an auxiliary head (the fastNLP demo; seed 004's situation).
+
+    ``aux_loss=False`` leaves ``aux_head`` out of the loss, so its parameters get no gradient.
+    """
+
+    def __init__(self, vocab_size: int = 64, hidden: int = 32, num_classes: int = 2, aux_loss: bool = True):
+        super().__init__()
+        self.aux_loss = aux_loss
+        self.embedding = nn.Embedding(vocab_size, hidden, padding_idx=0)
+        self.encoder = nn.GRU(hidden, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, num_classes)
+        self.aux_head = nn.Linear(hidden, 1)  # predicts the share of "high" tokens
+
+    def forward(self, tokens: torch.Tensor, target: torch.Tensor, high_share: torch.Tensor) -> dict[str, torch.Tensor]:
+        states, _ = self.encoder(self.embedding(tokens))
+        pooled = states.mean(dim=1)
+        loss = F.cross_entropy(self.head(pooled), target)
+        if self.aux_loss:
+            loss = loss + 0.5 * F.mse_loss(self.aux_head(pooled).squeeze(-1), high_share)
+        return {"loss": loss}
+
+    def train_step(self, tokens, target, high_share):  # fastNLP's name for the training forward
+        return self(tokens, target, high_share)
+
+
+class SyntheticTokens(Dataset):
+    """Token sequences labelled by whether most tokens are in the upper half of the vocabulary."""
+
+    def __init__(self, size: int = 256, seq_len: int = 12, vocab_size: int = 64, seed: int = 0):
+        self.size, self.seq_len, self.vocab_size, self.seed = size, seq_len, vocab_size, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        tokens = torch.randint(1, self.vocab_size, (self.seq_len,), generator=g)
+        high = (tokens >= self.vocab_size // 2).float().mean()
+        return {"tokens": tokens, "target": (high > 0.5).long(), "high_share": high}

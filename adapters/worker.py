@@ -103,7 +103,8 @@ def run_worker(spec: WorkerSpec) -> Outcome:
             from datetime import timedelta
 
             kwargs["timeout"] = timedelta(seconds=policy.timeout_s)
-        dist.init_process_group(backend.name, rank=spec.rank, world_size=spec.world_size, **kwargs)
+        if not adapter.framework_inits_process_group(backend):
+            dist.init_process_group(backend.name, rank=spec.rank, world_size=spec.world_size, **kwargs)
         log.info(
             "rank %d/%d on %s, backend %s, TORCH_DISTRIBUTED_DEBUG=%s (torch.distributed reads: %s)",
             spec.rank, spec.world_size, device, backend.name, os.environ.get("TORCH_DISTRIBUTED_DEBUG", "unset"),

@@ -37,7 +37,10 @@ def test_bad_input_is_refused_before_anything_runs(workdir, override):
     assert run_dirs(workdir) == [], "a refused config must leave nothing behind"
 
 
-@pytest.mark.parametrize("framework,module,extra", [("mmdet", "mmdet", "mmdet"), ("nnunet", "nnunetv2", "nnunet")])
+@pytest.mark.parametrize(
+    "framework,module,extra",
+    [("mmdet", "mmdet", "mmdet"), ("fastnlp", "fastNLP", "fastnlp"), ("nnunet", "nnunetv2", "nnunet")],
+)
 def test_framework_not_installed_says_what_to_install(workdir, framework, module, extra):
     pytest.importorskip("torch")
     try:

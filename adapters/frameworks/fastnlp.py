@@ -1,0 +1,139 @@
+"""framework=fastnlp: fastNLP 1.0's real ``Trainer``, with the policy in ``torch_kwargs={'ddp_kwargs': ...}``.
+
+fastNLP takes DDP settings only through ``Trainer(..., torch_kwargs={'ddp_kwargs': {...}})``. Seed 004's
+``model_wo_auto_param_call=True`` only stops fastNLP from matching batch keys to ``forward``'s arguments;
+it has nothing to do with unused parameters.
+
+Two paths, both here:
+
+* nccl (GPU): fastNLP's own ``TorchDDPDriver`` creates the process group and wraps the model, with our
+  ``ddp_kwargs``. That driver hard-codes nccl and cuda.
+* gloo (CPU): fastNLP's documented "DDP initialised outside" mode: the process group already exists, the
+  model is passed already wrapped in ``DistributedDataParallel`` (with our ``ddp_kwargs``) and
+  ``device=None``. fastNLP then calls ``forward`` instead of ``train_step``.
+
+Users with their own fastNLP script take the settings from ``trainer_kwargs(policy)``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from ..base import Adapter, NativeSettings, WorkerContext, ddp_kwargs, debug_env
+from ..errors import ConfigError
+from ..policy import Backend, DDPPolicy
+
+
+def trainer_kwargs(policy: DDPPolicy) -> dict[str, Any]:
+    """Keyword arguments to add to ``fastNLP.Trainer(...)`` for ``policy`` (fastNLP's own DDP driver).
+
+    >>> from adapters.policy import DDPPolicy, UnusedParams
+    >>> trainer_kwargs(DDPPolicy(unused_params=UnusedParams.find))
+    {'torch_kwargs': {'ddp_kwargs': {'find_unused_parameters': True}}}
+    """
+    return {"torch_kwargs": {"ddp_kwargs": ddp_kwargs(policy)}}
+
+
+@dataclass
+class FastNLPConfig:
+    """The ``framework`` node for framework=fastnlp: the built-in text classifier on synthetic tokens."""
+
+    name: str = "fastnlp"
+    n_epochs: int = 2
+    # Samples per process per batch.
+    batch_size: int = 16
+    # Synthetic sequences in the training set (split across the processes by fastNLP's sampler).
+    num_samples: int = 256
+    seq_len: int = 12
+    vocab_size: int = 64
+    hidden: int = 32
+    lr: float = 0.05
+    seed: int = 0
+    # The auxiliary head's loss (predicting the share of high tokens). False leaves aux_head out of the
+    # loss: the parameters DDP then waits for in vain.
+    aux_loss: bool = True
+    # fastNLP's progress display: raw (plain lines, good in logs), rich, tqdm or auto.
+    progress_bar: str = "raw"
+
+
+class FastNLPAdapter(Adapter):
+    name = "fastnlp"
+    schema = FastNLPConfig
+
+    def translate(self, policy: DDPPolicy, *, backend: Backend) -> NativeSettings:
+        kwargs = ddp_kwargs(policy)
+        env, notes = debug_env(policy, backend)
+        if backend is Backend.nccl:
+            settings = {"trainer_kwargs": {"driver": "torch", **trainer_kwargs(policy)}}
+            snippet = f"Trainer(model, driver='torch', ..., torch_kwargs={{'ddp_kwargs': {kwargs!r}}})"
+            how = "fastNLP's TorchDDPDriver creates the nccl process group and wraps the model with ddp_kwargs."
+        else:
+            settings = {
+                "outside_ddp_kwargs": kwargs,
+                "trainer_kwargs": {"driver": "torch", "device": None, **trainer_kwargs(policy)},
+            }
+            args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+            snippet = (f"Trainer(DistributedDataParallel(model{args}), driver='torch', device=None, ..., "
+                       f"torch_kwargs={{'ddp_kwargs': {kwargs!r}}})")  # fmt: skip
+            how = ("On CPU fastNLP's own DDP driver hard-codes nccl and cuda, so the gloo process group is created "
+                   "first and the model is wrapped outside (fastNLP's 'DDP initialised outside' mode).")  # fmt: skip
+        return NativeSettings(
+            framework=self.name,
+            settings=settings,
+            env=env,
+            notes=(how, "model_wo_auto_param_call (seed 004) only turns off batch-to-argument matching; "
+                        "it does not touch DDP.", *notes),
+            snippet=snippet,
+        )  # fmt: skip
+
+    def framework_inits_process_group(self, backend: Backend) -> bool:
+        return backend is Backend.nccl  # fastNLP's TorchDDPDriver calls init_process_group("nccl") itself
+
+    def validate(self, framework_cfg: Any) -> None:
+        for key in ("n_epochs", "batch_size", "num_samples", "seq_len", "hidden"):
+            if framework_cfg[key] < 1:
+                raise ConfigError(f"framework.{key}={framework_cfg[key]} must be at least 1.")
+        if framework_cfg.vocab_size < 4:
+            raise ConfigError(f"framework.vocab_size={framework_cfg.vocab_size} must be at least 4.")
+        choices = ("raw", "rich", "tqdm", "auto")
+        if framework_cfg.progress_bar not in choices:
+            raise ConfigError(
+                f"framework.progress_bar={framework_cfg.progress_bar} is not one of: {', '.join(choices)}."
+            )
+
+    def run(self, ctx: WorkerContext) -> dict[str, Any]:
+        import torch
+        from torch.nn.parallel import DistributedDataParallel
+        from torch.utils.data import DataLoader
+
+        with warnings.catch_warnings():  # fastNLP 1.0.1 imports pkg_resources, which warns on every import
+            warnings.simplefilter("ignore", UserWarning)
+            from fastNLP import Trainer
+
+        from ..demo import SyntheticTokens, TextClassifier
+
+        fw = ctx.cfg["framework"]
+        torch.manual_seed(fw["seed"])
+        model = TextClassifier(fw["vocab_size"], fw["hidden"], aux_loss=fw["aux_loss"])
+        data = SyntheticTokens(fw["num_samples"], fw["seq_len"], fw["vocab_size"], fw["seed"])
+        # fastNLP swaps in a distributed sampler itself.
+        loader = DataLoader(data, batch_size=fw["batch_size"], shuffle=True, drop_last=True)
+        trainer_args = dict(ctx.native.settings["trainer_kwargs"])
+        if "outside_ddp_kwargs" in ctx.native.settings:
+            model = ctx.track_ddp(DistributedDataParallel(model, **ctx.native.settings["outside_ddp_kwargs"]))
+        optimizer = torch.optim.SGD(model.parameters(), lr=fw["lr"], momentum=0.9)
+        trainer = Trainer(model=model, optimizers=optimizer, train_dataloader=loader, n_epochs=fw["n_epochs"],
+                          progress_bar=fw["progress_bar"], **trainer_args)  # fmt: skip
+        if ctx.ddp_model is None:  # fastNLP wrapped it (nccl path)
+            ctx.track_ddp(trainer.driver.model)
+        # fastNLP's driver SIGKILLs every other rank when one raises, before they can say why; the launcher
+        # stops them itself, after each had the chance to report.
+        trainer.driver._pids = None
+        trainer.run()
+        summary: dict[str, Any] = {"epochs": fw["n_epochs"], "batches": trainer.global_forward_batches}
+        return summary
+
+
+ADAPTER = FastNLPAdapter()

@@ -1,0 +1,88 @@
+"""framework=fastnlp: fastNLP's real Trainer, 2 processes, gloo on CPU (fastNLP's "DDP initialised outside" mode)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from adapters.policy import Backend, DDPPolicy, UnusedParams
+
+from adapter_contract import AdapterContract
+from conftest import output, requires, run_dirs, train
+
+fastnlp = requires("fastnlp")
+
+
+class TestFastNLPAdapter(AdapterContract):
+    name = "fastnlp"
+
+    def native(self, ddp_kwargs, backend):
+        torch_kwargs = {"torch_kwargs": {"ddp_kwargs": ddp_kwargs}}
+        if backend is Backend.nccl:
+            return {"trainer_kwargs": {"driver": "torch", **torch_kwargs}}
+        return {"outside_ddp_kwargs": ddp_kwargs, "trainer_kwargs": {"driver": "torch", "device": None, **torch_kwargs}}
+
+
+def test_trainer_kwargs_for_your_own_script():
+    from adapters.frameworks.fastnlp import trainer_kwargs
+
+    assert trainer_kwargs(DDPPolicy(unused_params=UnusedParams.static, bucket_cap_mb=50)) == {
+        "torch_kwargs": {"ddp_kwargs": {"static_graph": True, "bucket_cap_mb": 50}}
+    }
+    assert trainer_kwargs(DDPPolicy()) == {"torch_kwargs": {"ddp_kwargs": {}}}
+
+
+def test_explain_prints_trainer_arguments_without_fastnlp():
+    code = ("import sys; from adapters.cli import explain; print(explain(['framework=fastnlp', 'ddp=safe'])); "
+            "print('fastNLP' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "torch_kwargs={'ddp_kwargs': {'find_unused_parameters': True}}" in out
+    assert "device=None" in out
+    assert out.strip().endswith("False")
+
+
+@fastnlp
+@pytest.mark.slow
+def test_demo_trains_with_fastnlps_trainer(workdir):
+    proc = train(workdir, "framework=fastnlp", "ddp=safe")
+    assert proc.returncode == 0, output(proc)
+    out = proc.stdout
+    assert "Rank: 0 - Epoch:1/2, Batch:8" in out, "fastNLP's own progress"
+    assert "Rank: 1 - Epoch" not in out, "from rank 0 only"
+    [run_dir] = run_dirs(workdir)
+    for rank in (0, 1):
+        assert "DDP as built: find_unused_parameters=True" in (run_dir / f"rank{rank}.log").read_text()
+
+
+@fastnlp
+@pytest.mark.slow
+def test_strict_names_the_auxiliary_head(workdir):
+    proc = train(workdir, "framework=fastnlp", "framework.aux_loss=false", "ddp=strict")
+    assert proc.returncode == 1, output(proc)
+    assert "DDP stopped on ranks 0, 1: 2 parameters got no gradient" in proc.stderr
+    assert "aux_head (ranks 0, 1): aux_head.weight, aux_head.bias" in proc.stderr
+    assert "ddp=static" in proc.stderr and "ddp=safe" in proc.stderr
+
+
+@fastnlp
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["safe", "static"])
+def test_one_word_fixes_it(workdir, preset):
+    proc = train(workdir, "framework=fastnlp", "framework.aux_loss=false", f"ddp={preset}", "framework.n_epochs=1")
+    assert proc.returncode == 0, output(proc)
+    assert "finished: epochs=1, batches=8" in proc.stdout
+
+
+@pytest.mark.parametrize("override,words", [
+    ("framework.aux_loss=maybe", "framework.aux_loss"),
+    ("framework.n_epochs=two", "framework.n_epochs"),
+    ("framework.progress_bar=fancy", "framework.progress_bar=fancy is not one of: raw, rich, tqdm, auto"),
+])  # fmt: skip
+@fastnlp
+def test_bad_options_name_the_key(workdir, override, words):
+    proc = train(workdir, "framework=fastnlp", override)
+    assert proc.returncode == 2, output(proc)
+    assert words in proc.stderr
+    assert run_dirs(workdir) == []
