@@ -10,7 +10,7 @@ import os
 
 import nox
 
-nox.options.sessions = ["lint", "torch", "mmdet", "fastnlp"]
+nox.options.sessions = ["lint", "torch", "mmdet", "fastnlp", "nnunet"]
 nox.options.error_on_missing_interpreters = True
 
 # A CPU build of torch that lies on this project's machines' disk; any torch>=2.1 works elsewhere.
@@ -50,6 +50,13 @@ def fastnlp(session: nox.Session) -> None:
     """framework=fastnlp: fastNLP 1.0.1 (pins rich==11.2.0, so never in the mmdet environment)."""
     session.install(TORCH, "-e", ".[fastnlp,test]")
     session.run("pytest", "tests/test_fastnlp.py", *session.posargs, env={"ADAPTERS_REQUIRE": "fastnlp"})
+
+
+@nox.session
+def nnunet(session: nox.Session) -> None:
+    """framework=nnunet: nnU-Net v2.8 (needs torchvision through timm: torch 2.14.1 + torchvision 0.29.1)."""
+    session.install("torch==2.14.1", "torchvision==0.29.1", "-e", ".[nnunet,test]")
+    session.run("pytest", "tests/test_nnunet.py", *session.posargs, env={"ADAPTERS_REQUIRE": "nnunet"})
 
 
 @nox.session(default=False)

@@ -130,6 +130,10 @@ class Adapter(abc.ABC):
     def run(self, ctx: WorkerContext) -> dict[str, Any]:
         """Train in this worker with ``ctx.native`` applied. Returns a small summary (rank 0's is shown)."""
 
+    def explain_framework(self, framework_cfg: Any) -> list[str]:
+        """Lines for ``explain``: what the adapter changes in the framework besides the DDP policy."""
+        return []
+
     def framework_inits_process_group(self, backend: Backend) -> bool:
         """True where the framework insists on creating the process group itself (default: we create it)."""
         return False

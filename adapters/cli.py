@@ -119,7 +119,8 @@ def explain(overrides: Sequence[str], as_json: bool = False) -> str:
         return json.dumps(
             {"framework": checked.framework, "ddp_preset": choices.get("ddp"), "policy": ddp,
              "backend": backend.name, "settings": dict(native.settings), "env": dict(native.env),
-             "snippet": native.snippet, "notes": list(native.notes)},
+             "snippet": native.snippet, "notes": list(native.notes),
+             "framework_changes": adapter.explain_framework(cfg.framework)},
             indent=2, default=str,
         )  # fmt: skip
     entry = registry.entry(checked.framework)
@@ -139,6 +140,9 @@ def explain(overrides: Sequence[str], as_json: bool = False) -> str:
         "environment in every rank: "
         + (", ".join(f"{k}={v}" for k, v in native.env.items()) if native.env else "(nothing set)"),
     ]
+    changes = adapter.explain_framework(cfg.framework)
+    if changes:
+        out += ["", f"also changed in {entry.title} for this run:", *[f"  {line}" for line in changes]]
     if native.notes:
         out += ["", "notes:", *[f"  - {note}" for note in native.notes]]
     return "\n".join(out)

@@ -18,6 +18,8 @@ from typing import Any, Iterable
 REDUCTION_MARKER = "Expected to have finished reduction in the prior iteration"
 GRAPH_CHANGED_MARKER = "training graph has changed in this iteration"
 READY_TWICE_MARKERS = ("marked as ready twice", "Expected to mark a variable ready only once")
+WORKERS_DIED_MARKERS = ("background workers are no longer alive", "DataLoader worker (pid")
+OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "out of memory")
 # A rank whose peer died sees one of these: a consequence of the failure, not its cause.
 PEER_LOST_MARKERS = (
     "Connection closed by peer", "Connection reset by peer", "remote worker crashing", "Broken pipe",
@@ -31,7 +33,7 @@ class Diagnosis:
     """One rank's explanation of a failure, small enough to send between processes."""
 
     rank: int
-    kind: str  # unused_parameters | graph_changed | ready_twice | peer_lost | error
+    kind: str  # unused_parameters | graph_changed | ready_twice | workers_died | oom | peer_lost | error
     summary: str  # one line
     original: str  # the exception as torch (or the framework) raised it
     unused: list[str] = field(default_factory=list)  # exact parameter names, DDP's order
@@ -114,6 +116,10 @@ def diagnose(exc: BaseException, rank: int, ddp_model: Any = None, tb: str = "")
             "a parameter's gradient was produced twice in one step (reentrant checkpointing or reuse)",
             original, traceback=tb,
         )  # fmt: skip
+    if any(marker in text for marker in WORKERS_DIED_MARKERS):
+        return Diagnosis(rank, "workers_died", "its background data-loading workers died", original, traceback=tb)
+    if any(marker in text for marker in OOM_MARKERS):
+        return Diagnosis(rank, "oom", "it ran out of memory", original, traceback=tb)
     if any(marker in text for marker in PEER_LOST_MARKERS):
         return Diagnosis(rank, "peer_lost", "lost its connection to a rank that stopped", original, traceback=tb)
     return Diagnosis(rank, "error", original.splitlines()[0] if original else type(exc).__name__, original,
@@ -146,12 +152,28 @@ _FIXES = {
         "static_graph=True needs the same parameters used in every step. Fix: ddp=safe "
         "(find_unused_parameters=True), which allows the used set to change."
     ),
+    "workers_died": (
+        "The data-loading (augmentation) worker processes died. They print no error of their own when they are\n"
+        "killed; the likely cause is memory: the host's out-of-memory killer (see `dmesg | grep -i oom`), or a\n"
+        "GPU out-of-memory error. Lower, in this order:\n"
+        "  framework.batch_size     fewer samples in memory per step\n"
+        "  framework.num_workers    fewer worker processes, each holding its own batches (0: in-process)\n"
+        "  framework.pin_memory=false  no page-locked copies of every batch\n"
+        "If a worker raised an error of its own, it is printed above in the rank's log."
+    ),
+    "oom": (
+        "Lower framework.batch_size first; then framework.num_workers and framework.pin_memory=false. Every rank\n"
+        "must take the same step: one rank skipping a batch on its own would leave the others waiting."
+    ),
     "ready_twice": (
         "This happens with find_unused_parameters=True (ddp=safe) and reentrant activation checkpointing\n"
         "(torch.utils.checkpoint without use_reentrant=False; OpenMMLab backbones with with_cp=True), or when a\n"
         "module runs twice in one step. Fix: ddp=static, or checkpointing with use_reentrant=False."
     ),
 }
+
+
+_FROM_DDP = ("unused_parameters", "graph_changed", "ready_twice")
 
 
 def format_failure(diagnoses: list[Diagnosis], *, context: str = "") -> str:
@@ -192,8 +214,9 @@ def format_failure(diagnoses: list[Diagnosis], *, context: str = "") -> str:
                 f"{_ranks(d.rank for d in group).capitalize()} lost the connection to another rank, "
                 "which stopped without reporting why (see its log)."
             )
-        elif kind == "ready_twice":
-            lines.append(f"DDP stopped on {_ranks(d.rank for d in group)}: {group[0].summary}.")
+        elif kind in ("ready_twice", "workers_died", "oom"):
+            subject = "DDP stopped" if kind == "ready_twice" else "The run stopped"
+            lines.append(f"{subject} on {_ranks(d.rank for d in group)}: {group[0].summary}.")
             lines.append(_FIXES[kind])
         else:
             for d in group:
@@ -203,7 +226,8 @@ def format_failure(diagnoses: list[Diagnosis], *, context: str = "") -> str:
             lines.append(f"\nThe original error (rank {first.rank}):")
             lines.extend("  " + line for line in (first.traceback or first.original).rstrip().splitlines())
         else:
-            lines.append(f"\ntorch's original error (rank {first.rank}):")
+            whose = "torch's original error" if kind in _FROM_DDP else "The original error"
+            lines.append(f"\n{whose} (rank {first.rank}):")
             lines.extend("  " + line for line in first.original.splitlines())
     if consequences:
         lines.append(

@@ -1,0 +1,245 @@
+"""framework=nnunet: nnU-Net v2's real trainer, with the policy handed to the DDP call it makes itself.
+
+nnU-Net has no setting for DDP's unused-parameter handling; with deep supervision off, the decoder's lower
+``seg_layers`` get no gradient and multi-GPU training stops (seed 000). The trainer subclass in
+``nnunet_trainer.py`` supplies the policy's arguments to nnU-Net's own ``DDP(...)`` call.
+
+Memory (seed 003): ``framework.batch_size`` overrides the plan's batch size (nnU-Net's global batch, split
+over the ranks), ``framework.num_workers`` the data-augmentation processes per rank (``nnUNet_n_proc_DA``)
+and ``framework.pin_memory`` the augmenter's pinning. When those workers die, the run says so, with the
+likely cause and these settings, instead of only "background workers are no longer alive".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from ..base import Adapter, NativeSettings, WorkerContext, ddp_kwargs, debug_env
+from ..errors import ConfigError
+from ..policy import Backend, DDPPolicy
+
+SYNTHETIC = "Dataset001_Blobs"
+FOLDER_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+@dataclass
+class NNUNetConfig:
+    """The ``framework`` node for framework=nnunet."""
+
+    name: str = "nnunet"
+    # A preprocessed dataset (name like Dataset001_X, or its id) under $nnUNet_preprocessed. null: write a
+    # synthetic 2D dataset into the run folder and plan and preprocess it with nnU-Net's own code.
+    dataset: Optional[str] = None
+    configuration: str = "2d"
+    fold: int = 0
+    plans: str = "nnUNetPlans"
+    # false: only the full-resolution output is trained; the lower seg_layers get no gradient (seed 000).
+    deep_supervision: bool = True
+    epochs: int = 1
+    iterations_per_epoch: int = 3
+    val_iterations_per_epoch: int = 1
+    # The plan's batch size (global, split over the ranks). null: the plan's; 4 for the synthetic dataset.
+    batch_size: Optional[int] = None
+    # Data-augmentation processes per rank (nnUNet_n_proc_DA). null: nnU-Net's choice; 0 (in-process) for
+    # the synthetic dataset.
+    num_workers: Optional[int] = None
+    # Pin augmented batches in page-locked memory (GPU only). null: nnU-Net's choice (on for cuda).
+    pin_memory: Optional[bool] = None
+    # The synthetic dataset: how many images, and their side in pixels.
+    num_images: int = 12
+    image_size: int = 64
+
+
+class NNUNetAdapter(Adapter):
+    name = "nnunet"
+    schema = NNUNetConfig
+
+    def translate(self, policy: DDPPolicy, *, backend: Backend) -> NativeSettings:
+        kwargs = ddp_kwargs(policy)
+        env, notes = debug_env(policy, backend)
+        device_ids = "[self.local_rank]" if backend is Backend.nccl else "None"
+        args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+        return NativeSettings(
+            framework=self.name,
+            settings={"trainer": "nnUNetTrainerDDPPolicy(nnUNetTrainer)", "ddp_kwargs": kwargs,
+                      "device": "cuda:<rank>" if backend is Backend.nccl else "cpu"},  # fmt: skip
+            env=env,
+            notes=(
+                "nnU-Net's initialize() calls DDP(self.network, device_ids=[self.local_rank]) with no way to pass "
+                "arguments; the trainer subclass hands it a DDP constructor that adds them. nnU-Net's own code "
+                "runs unchanged.",
+                *(() if backend is Backend.nccl else (
+                    "On CPU the trainer's device is set back to cpu after nnU-Net's __init__ (which assumes cuda "
+                    "whenever a process group exists), without a GradScaler, and device_ids is dropped.",)),
+                *notes,
+            ),
+            snippet=f"DDP(self.network, device_ids={device_ids}{args})  # inside nnUNetTrainer.initialize()",
+        )  # fmt: skip
+
+    def explain_framework(self, framework_cfg: Any) -> list[str]:
+        fw = framework_cfg
+        synthetic = fw.dataset is None
+        return [
+            f"enable_deep_supervision = {fw.deep_supervision}  (framework.deep_supervision)",
+            f"num_epochs = {fw.epochs}, num_iterations_per_epoch = {fw.iterations_per_epoch}, "
+            f"num_val_iterations_per_epoch = {fw.val_iterations_per_epoch}",
+            f"plans['configurations'][{fw.configuration!r}]['batch_size'] = "
+            + (str(_batch_size(fw.batch_size, synthetic)) if _batch_size(fw.batch_size, synthetic) else "the plan's")
+            + "  (framework.batch_size)",
+            "nnUNet_n_proc_DA = "
+            + (str(_workers(fw.num_workers, synthetic)) if _workers(fw.num_workers, synthetic) is not None
+               else "nnU-Net's choice") + "  (framework.num_workers)",
+            "data augmenter pin_memory = " + ("nnU-Net's choice (on with cuda)" if fw.pin_memory is None
+                                               else str(fw.pin_memory)) + "  (framework.pin_memory)",
+            "dataset: " + (f"synthetic {SYNTHETIC} written into the run folder" if synthetic else fw.dataset),
+        ]  # fmt: skip
+
+    def validate(self, framework_cfg: Any) -> None:
+        fw = framework_cfg
+        for key in ("epochs", "iterations_per_epoch", "num_images", "image_size"):
+            if fw[key] < 1:
+                raise ConfigError(f"framework.{key}={fw[key]} must be at least 1.")
+        if fw.batch_size is not None and fw.batch_size < 1:
+            raise ConfigError(f"framework.batch_size={fw.batch_size} must be at least 1 (or null for the plan's).")
+        if fw.num_workers is not None and fw.num_workers < 0:
+            raise ConfigError(f"framework.num_workers={fw.num_workers} must be 0 (in-process) or more.")
+        if fw.dataset is not None:
+            folder = find_dataset(str(fw.dataset))
+            check_configuration(folder, fw.plans, fw.configuration)
+
+    def run(self, ctx: WorkerContext) -> dict[str, Any]:
+        import torch.distributed as dist
+
+        fw = ctx.cfg["framework"]
+        synthetic = fw["dataset"] is None
+        root = ctx.run_dir / "nnunet"
+        if synthetic:
+            os.environ.update({var: str(root / var) for var in FOLDER_VARS})
+        else:
+            os.environ.setdefault("nnUNet_results", str(root / "nnUNet_results"))
+        # nnunetv2.paths reads the folder variables when it is first imported: only now.
+        import torch
+
+        from .nnunet_trainer import nnUNetTrainerDDPPolicy as Trainer
+
+        if synthetic:
+            if ctx.is_main:
+                ctx.log.info("writing a synthetic dataset and planning/preprocessing it with nnU-Net (about a minute)")
+                write_synthetic_dataset(root / "nnUNet_raw" / SYNTHETIC, fw["num_images"], fw["image_size"])
+                plan_and_preprocess(1, fw["configuration"])
+            dist.barrier()
+            folder = root / "nnUNet_preprocessed" / SYNTHETIC
+        else:
+            folder = find_dataset(str(fw["dataset"]))
+        workers = _workers(fw["num_workers"], synthetic)
+        if workers is not None:  # read by nnU-Net when it builds the loaders (and by its planner: set it after)
+            os.environ["nnUNet_n_proc_DA"] = str(workers)
+        plans = check_configuration(folder, fw["plans"], fw["configuration"])
+        dataset_json = json.loads((folder / "dataset.json").read_text())
+        batch_size = _batch_size(fw["batch_size"], synthetic)
+        if batch_size is not None:
+            if batch_size < ctx.world_size:
+                raise ConfigError(f"framework.batch_size={batch_size} is nnU-Net's global batch size: it must be at "
+                                  f"least the number of processes ({ctx.world_size}).")  # fmt: skip
+            plans["configurations"][fw["configuration"]]["batch_size"] = batch_size
+        plans["continue_training"] = False  # nnU-Net's run_training adds this; a trainer built directly needs it
+        Trainer.ddp_kwargs = dict(ctx.native.settings["ddp_kwargs"])
+        keys = ("deep_supervision", "epochs", "iterations_per_epoch", "val_iterations_per_epoch", "pin_memory")
+        Trainer.options = {**{key: fw[key] for key in keys}, "on_ddp": ctx.track_ddp}
+        trainer = Trainer(plans, fw["configuration"], fw["fold"], dataset_json, device=torch.device(ctx.device))
+        trainer.run_training()
+        losses = trainer.logger.local_logger.my_fantastic_logging.get("train_losses") or [float("nan")]
+        return {"epochs": trainer.num_epochs, "train_loss": round(float(losses[-1]), 4),
+                "output_folder": trainer.output_folder}  # fmt: skip
+
+
+def _batch_size(value: int | None, synthetic: bool) -> int | None:
+    return value if value is not None else (4 if synthetic else None)
+
+
+def _workers(value: int | None, synthetic: bool) -> int | None:
+    return value if value is not None else (0 if synthetic else None)
+
+
+# --- datasets ---------------------------------------------------------------------------------------
+
+
+def find_dataset(spec: str) -> Path:
+    """The preprocessed folder of ``spec`` (``Dataset001_X`` or ``1``) under $nnUNet_preprocessed."""
+    base = os.environ.get("nnUNet_preprocessed")
+    how = ("Fix: set nnUNet_raw, nnUNet_preprocessed and nnUNet_results, then preprocess the dataset: "
+           "nnUNetv2_plan_and_preprocess -d <id> -c <configuration>; or leave framework.dataset=null for the "
+           "synthetic dataset.")  # fmt: skip
+    if not base:
+        raise ConfigError(f"framework.dataset={spec}: the environment variable nnUNet_preprocessed is not set, so "
+                          f"there is nowhere to look.\n{how}")  # fmt: skip
+    base_path = Path(base)
+    candidates = sorted(p for p in base_path.glob("Dataset*_*") if p.is_dir()) if base_path.is_dir() else []
+    if spec.isdigit():
+        matches = [p for p in candidates if p.name.startswith(f"Dataset{int(spec):03d}_")]
+    else:
+        matches = [p for p in candidates if p.name == spec]
+    if not matches:
+        have = ", ".join(p.name for p in candidates) or "none"
+        raise ConfigError(f"framework.dataset={spec}: no such preprocessed dataset in {base_path} "
+                          f"(datasets there: {have}).\n{how}")  # fmt: skip
+    return matches[0]
+
+
+def check_configuration(folder: Path, plans_name: str, configuration: str) -> dict:
+    plans_file = folder / f"{plans_name}.json"
+    if not plans_file.is_file():
+        raise ConfigError(f"framework.plans={plans_name}: {plans_file} does not exist; plan the dataset first "
+                          "(nnUNetv2_plan_and_preprocess).")  # fmt: skip
+    plans = json.loads(plans_file.read_text())
+    available = list(plans.get("configurations", {}))
+    if configuration not in available:
+        raise ConfigError(f"framework.configuration={configuration}: the plans {plans_file} have no such "
+                          f"configuration. They have: {', '.join(available)}.")  # fmt: skip
+    data_identifier = plans["configurations"][configuration].get("data_identifier")
+    if data_identifier and not (folder / data_identifier).is_dir():
+        missing = folder / data_identifier
+        raise ConfigError(f"framework.configuration={configuration} is planned but not preprocessed ({missing} is "
+                          f"missing). Fix: nnUNetv2_preprocess -d {folder.name} -c {configuration}")  # fmt: skip
+    return plans
+
+
+def write_synthetic_dataset(folder: Path, num_images: int, size: int) -> None:
+    """nnU-Net's raw format: PNG images with one bright blob each (imagesTr/, labelsTr/, dataset.json)."""
+    import numpy as np
+    from PIL import Image
+
+    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(num_images):
+        cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
+        r = rng.integers(size // 8, size // 4)
+        mask = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r).astype(np.uint8)
+        image = np.clip(mask * 160 + rng.normal(60, 25, (size, size)), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(folder / "imagesTr" / f"blob_{i:03d}_0000.png")
+        Image.fromarray(mask).save(folder / "labelsTr" / f"blob_{i:03d}.png")
+    dataset = {"channel_names": {"0": "gray"}, "labels": {"background": 0, "blob": 1},
+               "numTraining": num_images, "file_ending": ".png"}  # fmt: skip
+    (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
+
+
+def plan_and_preprocess(dataset_id: int, configuration: str) -> None:
+    """nnU-Net's own fingerprinting, planning and preprocessing (nnUNetv2_plan_and_preprocess)."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprints,
+        plan_experiments,
+        preprocess,
+    )
+
+    extract_fingerprints([dataset_id], num_processes=1, check_dataset_integrity=True)
+    plan_experiments([dataset_id])
+    preprocess([dataset_id], configurations=(configuration,), num_processes=(1,))
+
+
+ADAPTER = NNUNetAdapter()
