@@ -51,7 +51,7 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="adapters_schema", node=RunConfig)
-    for name in registry.implemented():
+    for name in registry.FRAMEWORKS:
         cs.store(group="schema/framework", name=name, node=registry.load_adapter(name).schema)
     OmegaConf.register_new_resolver(START_RESOLVER, _format_start, replace=True)
     _registered = True

@@ -40,7 +40,7 @@ def launch(checked: Checked, run_dir: Path) -> dict[str, Any]:
     return _run_local(checked, cfg, run_dir)
 
 
-def _free_port(addr: str) -> int:
+def free_port(addr: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((addr, 0))
         return s.getsockname()[1]
@@ -64,7 +64,7 @@ def _run_local(checked: Checked, cfg: dict[str, Any], run_dir: Path) -> dict[str
     launcher = checked.launcher
     backend = resolve_backend(launcher.backend, launcher.nproc)
     nproc = launcher.nproc
-    port = launcher.master_port or _free_port(launcher.master_addr)
+    port = launcher.master_port or free_port(launcher.master_addr)
     log.info("starting %d worker process(es), backend %s, run folder %s", nproc, backend.name, run_dir)
     context = mp.get_context("spawn")
     procs: dict[int, Any] = {}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from .errors import ConfigError, MissingDependency, NotAvailableYet
+from .errors import ConfigError, MissingDependency
 
 if TYPE_CHECKING:
     from .base import Adapter
@@ -26,7 +26,6 @@ class Entry:
     title: str  # the framework's own name, for messages
     requires: tuple[str, ...]  # importable top-level modules the adapter needs
     extra: str | None  # the pyproject extra that installs them
-    issue: int | None = None  # while not implemented: the issue that tracks it
 
 
 FRAMEWORKS = MappingProxyType(
@@ -34,9 +33,9 @@ FRAMEWORKS = MappingProxyType(
         sorted(
             {
                 "torch": Entry("adapters.frameworks.torch", "PyTorch DDP", ("torch",), None),
-                "mmdet": Entry("adapters.frameworks.mmdet", "MMDetection", ("mmdet", "mmengine", "mmcv"), "mmdet", 3),
-                "fastnlp": Entry("adapters.frameworks.fastnlp", "fastNLP", ("fastNLP",), "fastnlp", 4),
-                "nnunet": Entry("adapters.frameworks.nnunet", "nnU-Net v2", ("nnunetv2",), "nnunet", 5),
+                "mmdet": Entry("adapters.frameworks.mmdet", "MMDetection", ("mmdet", "mmengine", "mmcv"), "mmdet"),
+                "fastnlp": Entry("adapters.frameworks.fastnlp", "fastNLP", ("fastNLP",), "fastnlp"),
+                "nnunet": Entry("adapters.frameworks.nnunet", "nnU-Net v2", ("nnunetv2",), "nnunet"),
             }.items()
         )
     )
@@ -78,18 +77,4 @@ def get_adapter(name: str) -> Adapter:
 
 def load_adapter(name: str) -> Adapter:
     """The adapter object without checking the framework is installed (its translation needs none)."""
-    e = entry(name)
-    try:
-        module = importlib.import_module(e.module)
-    except ModuleNotFoundError as exc:
-        if exc.name != e.module:
-            raise
-        raise NotAvailableYet(
-            f"framework={name} ({e.title}) is planned (issue {e.issue}) but not implemented in this "
-            f"version. Available now: {', '.join(implemented())}."
-        ) from None
-    return module.ADAPTER
-
-
-def implemented() -> list[str]:
-    return [n for n, e in FRAMEWORKS.items() if importlib.util.find_spec(e.module) is not None]
+    return importlib.import_module(entry(name).module).ADAPTER

@@ -77,22 +77,20 @@ def run_worker(spec: WorkerSpec) -> Outcome:
     try:
         import torch
         import torch.distributed as dist
+        from omegaconf import OmegaConf
 
         from .base import WorkerContext
         from .config import to_object
         from .policy import Backend, DDPPolicy
         from .registry import load_adapter
 
-        # TORCH_DISTRIBUTED_DEBUG is read when torch.distributed is first imported; setting os.environ
-        # later (as seed 000 advises) changes nothing unless the level is read again.
-        dist.set_debug_level_from_env()
         adapter = load_adapter(spec.framework)
-        from omegaconf import OmegaConf
-
         policy = to_object(OmegaConf.create(spec.cfg["ddp"]), DDPPolicy, "ddp")
         backend = Backend[spec.backend]
         native = adapter.translate(policy, backend=backend)
         os.environ.update(native.env)
+        # TORCH_DISTRIBUTED_DEBUG is read when torch.distributed is first imported; setting os.environ
+        # later (as seed 000 advises) changes nothing unless the level is read again, before the group exists.
         dist.set_debug_level_from_env()
         device = "cpu"
         if backend is Backend.nccl:

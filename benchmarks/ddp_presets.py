@@ -131,11 +131,11 @@ def main() -> None:
 
     import torch.multiprocessing as mp
 
-    from adapters.launch import _free_port
+    from adapters.launch import free_port
 
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(2, _free_port("127.0.0.1"), args, queue), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(2, free_port("127.0.0.1"), args, queue), nprocs=2, start_method="spawn")
     results = queue.get()
     print(f"median ms per step, 2 ranks, demo width={args.width} depth=4 image={args.image_size} "
           f"batch={args.batch}/rank, {args.rounds} rounds x {args.steps} steps")  # fmt: skip

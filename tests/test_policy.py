@@ -30,7 +30,7 @@ def test_preset_debug_environment(preset):
     assert (debug_env(policy, Backend.gloo)[0], debug_env(policy, Backend.nccl)[0]) == EXPECTED_ENV[preset]
 
 
-@pytest.mark.parametrize("framework", registry.implemented())
+@pytest.mark.parametrize("framework", registry.FRAMEWORKS)
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_framework_and_preset_compose_and_translate(framework, preset):
     cfg, choices = compose([f"framework={framework}", f"ddp={preset}"], with_choices=True)

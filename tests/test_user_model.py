@@ -18,9 +18,9 @@ AUX_UNUSED = ["aux.proj.weight", "aux.proj.bias", "aux.out.weight", "aux.out.bia
 
 @pytest.fixture
 def one_rank_group():
-    from adapters.launch import _free_port
+    from adapters.launch import free_port
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port('127.0.0.1')}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port('127.0.0.1')}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
