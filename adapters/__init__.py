@@ -4,10 +4,10 @@ Importing this package imports no training framework; adapters are loaded when c
 """
 
 from .base import Adapter, NativeSettings, WorkerContext
-from .errors import AdapterError, ConfigError, MissingDependency, NotAvailableYet, RunFailed
+from .errors import AdapterError, ConfigError, MissingDependency, RunFailed
 from .policy import Backend, DDPPolicy, DebugLevel, UnusedParams
 
 __all__ = [
     "Adapter", "AdapterError", "Backend", "ConfigError", "DDPPolicy", "DebugLevel", "MissingDependency",
-    "NativeSettings", "NotAvailableYet", "RunFailed", "UnusedParams", "WorkerContext",
+    "NativeSettings", "RunFailed", "UnusedParams", "WorkerContext",
 ]  # fmt: skip

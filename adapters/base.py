@@ -16,9 +16,17 @@ import abc
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 from .policy import Backend, DDPPolicy, DebugLevel, UnusedParams
+
+
+class ProbeDone(Exception):  # noqa: N818 - not an error: how `doctor` stops a rank after the probe
+    """Raised in every rank after the probe when only the probe was asked for (``python -m adapters doctor``)."""
+
+    def __init__(self, result: Any):
+        super().__init__("probe done")
+        self.result = result
 
 
 @dataclass(frozen=True)
@@ -39,7 +47,8 @@ class NativeSettings:
 def ddp_kwargs(policy: DDPPolicy) -> dict[str, Any]:
     """DistributedDataParallel keyword arguments for a policy: only what the policy sets.
 
-    Unset pass-through settings are left out so that each framework keeps its own default.
+    Unset pass-through settings are left out so that each framework keeps its own default. For ``auto`` and
+    ``ignore`` the unused-parameter part is decided in each run (``WorkerContext.resolve_unused_params``).
     """
     kwargs: dict[str, Any] = {}
     if policy.unused_params is UnusedParams.find:
@@ -67,6 +76,18 @@ def debug_env(policy: DDPPolicy, backend: Backend) -> tuple[dict[str, str], tupl
     return {"TORCH_DISTRIBUTED_DEBUG": policy.debug.name.upper()}, ()
 
 
+def policy_notes(policy: DDPPolicy) -> tuple[str, ...]:
+    """Why-lines every adapter shows for the run-time choices."""
+    if policy.unused_params is UnusedParams.auto:
+        return ("ddp=auto: a probe of ddp.probe_steps forward/backward steps on every rank decides in each run: "
+                "strict (nothing added), ignore (DDP leaves the never-used parameters out) or "
+                "find_unused_parameters=True; the choice and its reason are logged.",)  # fmt: skip
+    if policy.unused_params is UnusedParams.ignore:
+        source = f"ddp.ignore={list(policy.ignore)}" if policy.ignore else "the probe (parameters no rank uses)"
+        return (f"ddp=ignore: DDP leaves out the parameters named by {source}; their gradients stay None.",)
+    return ()
+
+
 def describe_ddp(model: Any) -> dict[str, Any]:
     """The unused-parameter and pass-through settings as DDP really holds them (proof they were applied)."""
     if not hasattr(model, "bucket_bytes_cap"):  # not a DistributedDataParallel (e.g. a per-submodule wrapper)
@@ -77,6 +98,7 @@ def describe_ddp(model: Any) -> dict[str, Any]:
         "broadcast_buffers": model.broadcast_buffers,
         "bucket_cap_mb": round(model.bucket_bytes_cap / 1024**2, 3),
         "gradient_as_bucket_view": model.gradient_as_bucket_view,
+        "ignored": len(getattr(model, "parameters_to_ignore", ())),
     }
 
 
@@ -96,6 +118,11 @@ class WorkerContext:
     native: NativeSettings
     log: logging.Logger
     ddp_model: Any = None
+    # `python -m adapters doctor`: stop every rank with ProbeDone once the probe has run.
+    probe_only: bool = False
+    probe_result: Any = None
+    _first_step_seen: bool = False
+    _unused_bytes: list[int] = field(default_factory=list)
 
     @property
     def is_main(self) -> bool:
@@ -106,12 +133,102 @@ class WorkerContext:
         """DDP's ``device_ids``: the local GPU, or None on CPU (a list there is an error)."""
         return [self.local_rank] if self.device.startswith("cuda") else None
 
+    def resolve_unused_params(
+        self, module: Any, batches: Iterator[Any], step: Callable[[Any], None], *, can_ignore: bool = True
+    ) -> dict[str, Any] | None:
+        """For auto, ignore and doctor: probe ``module`` (unwrapped) and prepare it for DDP.
+
+        Call it on every rank before DDP wraps ``module``, or before re-wrapping it. Returns the DDP keyword
+        arguments to add, or None when nothing changes (strict stays as it is: no re-wrap needed).
+        ``can_ignore=False`` where the framework wraps a different module than ``module``: ignore then
+        becomes static_graph=True, which also suits parameters unused in every step.
+        """
+        from .probe import match_ignore, run_probe, set_ignored
+
+        choice = self.policy.unused_params
+        needs_probe = choice is UnusedParams.auto or (choice is UnusedParams.ignore and not self.policy.ignore)
+        if not (needs_probe or self.probe_only or choice is UnusedParams.ignore):
+            return None
+        result = None
+        if needs_probe or self.probe_only:
+            result = run_probe(module, batches, step, self.policy.probe_steps)
+            self.probe_result = result
+            if self.probe_only:
+                raise ProbeDone(result)
+        if choice is UnusedParams.ignore:
+            if self.policy.ignore:
+                names = match_ignore(module, list(self.policy.ignore))
+            else:
+                if result.sometimes_unused:
+                    from .errors import ConfigError
+
+                    raise ConfigError(
+                        "ddp=ignore: the probe found parameters unused only in some steps or on some ranks ("
+                        + ", ".join(result.sometimes_unused[:6]) + "); leaving them out of DDP would let ranks "
+                        "drift apart.\nFix: ddp=safe, or ddp=auto (which picks find here)."
+                    )  # fmt: skip
+                names = result.never_used
+        else:
+            decided, _ = result.decision()
+            self.log.info(result.summary_line())
+            if decided is UnusedParams.find:
+                for line in result.report().splitlines()[1:-1]:
+                    self.log.info(line)
+                return {"find_unused_parameters": True}
+            if decided is UnusedParams.strict:
+                return None  # the setting already in place
+            names = result.never_used
+        if not can_ignore:
+            self.log.info("%d parameters are unused in every step; this framework wraps its own module, so they are "
+                          "handled with static_graph=True", len(names))  # fmt: skip
+            return {"static_graph": True}
+        set_ignored(module, names)
+        for module_name, leaves in _group(names).items():
+            self.log.info("DDP leaves out %s: %s", module_name, ", ".join(leaves))
+        return {}
+
+    def first_step_done(self) -> None:
+        """Adapters call this once, after the first backward: strict stops now, not at step 2's forward."""
+        if self._first_step_seen:
+            return
+        self._first_step_seen = True
+        model = self.ddp_model
+        if model is None or not hasattr(model, "reducer"):
+            return
+        if not model.find_unused_parameters and not model.static_graph:
+            model._check_reducer_finalized()
+        self._unused_bytes_sample()
+
+    def _unused_bytes_sample(self) -> None:
+        # DDP's logger records unused_parameter_size at the forward after a step: absent after step 1.
+        model = self.ddp_model
+        if model is not None and getattr(model, "find_unused_parameters", False):
+            size = model._get_ddp_logging_data().get("unused_parameter_size")
+            if size is not None:
+                self._unused_bytes.append(size)
+
+    def after_run(self) -> None:
+        """With find, say so when DDP found nothing unused: strict would have been faster."""
+        self._unused_bytes_sample()
+        if self._unused_bytes and all(b == 0 for b in self._unused_bytes) and self.is_main:
+            self.log.warning(
+                "find_unused_parameters=True found no unused parameters in the steps DDP sampled: "
+                "ddp=strict would be faster, or ddp=auto to let the probe decide."
+            )
+
     def track_ddp(self, model: Any) -> Any:
         """Remember the DDP-wrapped model so its errors can be explained with parameter names, and log
         the settings DDP really holds."""
         self.ddp_model = model
         self.log.info("DDP as built: %s", ", ".join(f"{k}={v}" for k, v in describe_ddp(model).items()))
         return model
+
+
+def _group(names: list[str]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.rpartition(".")[0] or "(root module)", []).append(name)
+    return groups
 
 
 class Adapter(abc.ABC):

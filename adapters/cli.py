@@ -148,6 +148,21 @@ def explain(overrides: Sequence[str], as_json: bool = False) -> str:
     return "\n".join(out)
 
 
+def doctor(overrides: Sequence[str]) -> str:
+    """Run only the probe, on every rank, and report what it found (no training)."""
+    import time
+
+    from .config import compose, validate
+    from .launch import launch
+
+    checked = validate(compose(list(overrides)))
+    run_dir = Path("outputs") / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S-doctor")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    summary = launch(checked, run_dir.resolve(), probe_only=True)
+    return f"{summary['probe'].report()}\n(logs: {run_dir}/rank<N>.log)"
+
+
 def _indent(text: str, by: str = "  ") -> str:
     return "\n".join(by + line for line in text.splitlines())
 
@@ -161,10 +176,14 @@ def module_main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("explain", help="print the composed policy and the framework's native settings")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py (framework=mmdet ddp=safe)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("doctor", help="run only the unused-parameter probe on every rank and report it")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
     args = parser.parse_args(argv)
     try:
         if args.command == "explain":
             print(explain(args.overrides, as_json=args.json))
+        elif args.command == "doctor":
+            print(doctor(args.overrides))
     except AdapterError as exc:
         return _fail(exc)
     return 0

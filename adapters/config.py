@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import registry
 from .errors import ConfigError
-from .policy import Backend, DDPPolicy, LauncherConfig, RunConfig, check_available, check_kwargs
+from .policy import Backend, DDPPolicy, LauncherConfig, RunConfig, check_kwargs, check_policy
 
 CONFIG_NAME = "config"
 START_RESOLVER = "adapters_start"
@@ -241,7 +241,7 @@ def validate(cfg: DictConfig, *, for_run: bool = True) -> Checked:
         raise ConfigError(f"The config could not be resolved: {exc}") from None
     policy = to_object(cfg.ddp, DDPPolicy, "ddp")
     launcher = to_object(cfg.launcher, LauncherConfig, "launcher")
-    check_available(policy)
+    check_policy(policy)
     check_kwargs(policy)
     if launcher.nproc < 1:
         raise ConfigError(

@@ -18,10 +18,6 @@ class ConfigError(AdapterError, ValueError):
     """A setting is missing, misspelt or has a value outside its choices."""
 
 
-class NotAvailableYet(ConfigError):
-    """A documented choice that this version does not implement; never silently replaced by another."""
-
-
 class MissingDependency(AdapterError, ImportError):
     """The chosen framework is not installed in this environment."""
 

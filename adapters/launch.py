@@ -31,13 +31,16 @@ from .worker import Outcome, WorkerSpec, run_worker
 log = logging.getLogger("adapters.launch")
 
 
-def launch(checked: Checked, run_dir: Path) -> dict[str, Any]:
-    """Train with the checked config; returns rank 0's summary or raises RunFailed."""
+def launch(checked: Checked, run_dir: Path, *, probe_only: bool = False) -> dict[str, Any]:
+    """Train with the checked config; returns rank 0's summary or raises RunFailed.
+
+    ``probe_only``: every rank stops after the probe (``python -m adapters doctor``); the summary holds it.
+    """
     cfg = OmegaConf.to_container(checked.cfg, resolve=True, enum_to_str=True)
     cfg = {k: cfg[k] for k in ("framework", "ddp", "launcher")}
     if torchrun_env():
-        return _run_in_place(checked, cfg, run_dir)
-    return _run_local(checked, cfg, run_dir)
+        return _run_in_place(checked, cfg, run_dir, probe_only)
+    return _run_local(checked, cfg, run_dir, probe_only)
 
 
 def free_port(addr: str) -> int:
@@ -58,7 +61,7 @@ def _spawned(spec: WorkerSpec, conn: Connection) -> None:
         os._exit(0 if outcome.ok else 1)
 
 
-def _run_local(checked: Checked, cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+def _run_local(checked: Checked, cfg: dict[str, Any], run_dir: Path, probe_only: bool) -> dict[str, Any]:
     import multiprocessing as mp
 
     launcher = checked.launcher
@@ -72,7 +75,7 @@ def _run_local(checked: Checked, cfg: dict[str, Any], run_dir: Path) -> dict[str
     for rank in range(nproc):
         env = {"MASTER_ADDR": launcher.master_addr, "MASTER_PORT": str(port), "RANK": str(rank),
                "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}  # fmt: skip
-        spec = WorkerSpec(rank, rank, nproc, checked.framework, cfg, str(run_dir), backend.name, env)
+        spec = WorkerSpec(rank, rank, nproc, checked.framework, cfg, str(run_dir), backend.name, env, probe_only)
         receive, send = context.Pipe(duplex=False)
         proc = context.Process(target=_spawned, args=(spec, send), name=f"rank{rank}")
         proc.start()
@@ -166,7 +169,7 @@ def _verdict(procs, outcomes: dict[int, Outcome], stopped: set[int], run_dir: Pa
     return outcomes[0].summary
 
 
-def _run_in_place(checked: Checked, cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+def _run_in_place(checked: Checked, cfg: dict[str, Any], run_dir: Path, probe_only: bool) -> dict[str, Any]:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -174,7 +177,8 @@ def _run_in_place(checked: Checked, cfg: dict[str, Any], run_dir: Path) -> dict[
     if rank == 0:
         log.info("running under torchrun: %d rank(s), backend %s, run folder %s (launcher.nproc is not used)",
                  world_size, backend.name, run_dir)  # fmt: skip
-    spec = WorkerSpec(rank, local_rank, world_size, checked.framework, cfg, str(run_dir), backend.name)
+    spec = WorkerSpec(rank, local_rank, world_size, checked.framework, cfg, str(run_dir), backend.name,
+                      probe_only=probe_only)  # fmt: skip
     outcome = run_worker(spec)
     if not outcome.ok:
         raise RunFailed(f"{format_failure([outcome.diagnosis])}\nLogs: {run_dir}/rank{rank}.log")

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-from .errors import ConfigError, NotAvailableYet
+from .errors import ConfigError
 
 
 class UnusedParams(enum.Enum):
@@ -24,12 +24,8 @@ class UnusedParams(enum.Enum):
     strict = "strict"  # DDP's default: fastest; stops with "Expected to have finished reduction" if any are unused
     find = "find"  # find_unused_parameters=True: walks the autograd graph after every forward; always works
     static = "static"  # static_graph=True: learns the used set in step 1; the set must not change afterwards
-    ignore = "ignore"  # leave named parameters out of DDP's reduction entirely (planned)
-    auto = "auto"  # probe the model before training and pick the cheapest of the above (planned)
-
-
-#: Choices this version implements. The others fail with NotAvailableYet, never a silent fallback.
-IMPLEMENTED_UNUSED_PARAMS = (UnusedParams.strict, UnusedParams.find, UnusedParams.static)
+    ignore = "ignore"  # leave parameters unused everywhere out of DDP's reduction (named, or found by the probe)
+    auto = "auto"  # probe the model before training and pick the cheapest of strict, ignore and find
 
 
 class DebugLevel(enum.Enum):
@@ -66,7 +62,7 @@ OWNED_DDP_KWARGS = {
 class DDPPolicy:
     """The ``ddp`` node: one policy, mapped by each adapter onto its framework's own settings."""
 
-    # strict | find | static (ignore, auto: planned). See UnusedParams.
+    # strict | find | static | ignore | auto. See UnusedParams.
     unused_params: UnusedParams = UnusedParams.strict
     # off | info | detail: TORCH_DISTRIBUTED_DEBUG, set in every rank before the process group exists.
     debug: DebugLevel = DebugLevel.off
@@ -79,6 +75,12 @@ class DDPPolicy:
     timeout_s: Optional[int] = None
     # Any other DistributedDataParallel keyword argument, checked against its signature before launch.
     kwargs: Dict[str, Any] = field(default_factory=dict)
+    # With ignore: parameter or module names to leave out of DDP (globs allowed, e.g. "decoder.seg_layers.*").
+    # Empty: the probe finds the parameters that no rank uses in any step.
+    ignore: List[str] = field(default_factory=list)
+    # auto, ignore without names, and `python -m adapters doctor`: forward/backward steps the probe runs
+    # on every rank before training (no optimizer step; weights, buffers and RNG restored afterwards).
+    probe_steps: int = 2
 
 
 @dataclass
@@ -110,15 +112,14 @@ def schema_keys(schema: type) -> list[str]:
     return [f.name for f in fields(schema)]
 
 
-def check_available(policy: DDPPolicy) -> None:
-    """Refuse the documented choices that this version does not implement yet."""
-    if policy.unused_params not in IMPLEMENTED_UNUSED_PARAMS:
-        implemented = ", ".join(c.name for c in IMPLEMENTED_UNUSED_PARAMS)
-        raise NotAvailableYet(
-            f"ddp.unused_params={policy.unused_params.name} is not available yet in this version.\n"
-            f"Available now: {implemented}.\n"
-            "Fix: ddp=safe (find) works for any model; ddp=static is cheaper when the same parameters "
-            "are unused in every step."
+def check_policy(policy: DDPPolicy) -> None:
+    """What the schema cannot check by itself."""
+    if policy.probe_steps < 1:
+        raise ConfigError(f"ddp.probe_steps={policy.probe_steps} must be at least 1 (2 tells a changing graph apart).")
+    if policy.ignore and policy.unused_params is not UnusedParams.ignore:
+        raise ConfigError(
+            f"ddp.ignore is set, but ddp.unused_params={policy.unused_params.name}: the names are only used with "
+            "ignore.\nFix: ddp=ignore (or ddp.unused_params=ignore), or drop ddp.ignore."
         )
 
 

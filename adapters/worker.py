@@ -31,6 +31,7 @@ class WorkerSpec:
     run_dir: str
     backend: str
     env: dict[str, str] = field(default_factory=dict)  # set before torch.distributed reads it
+    probe_only: bool = False  # `python -m adapters doctor`
 
 
 @dataclass
@@ -79,7 +80,7 @@ def run_worker(spec: WorkerSpec) -> Outcome:
         import torch.distributed as dist
         from omegaconf import OmegaConf
 
-        from .base import WorkerContext
+        from .base import ProbeDone, WorkerContext
         from .config import to_object
         from .policy import Backend, DDPPolicy
         from .registry import load_adapter
@@ -111,12 +112,19 @@ def run_worker(spec: WorkerSpec) -> Outcome:
         ctx = WorkerContext(
             rank=spec.rank, local_rank=spec.local_rank, world_size=spec.world_size, backend=backend,
             device=device, run_dir=Path(spec.run_dir), cfg=spec.cfg, policy=policy, native=native, log=log,
+            probe_only=spec.probe_only,
         )  # fmt: skip
         if spec.rank == 0:
             for note in native.notes:
                 log.info(note)
             log.info("ddp.unused_params=%s -> %s", policy.unused_params.name, native.snippet)
-        summary = adapter.run(ctx)
+        try:
+            summary = adapter.run(ctx)
+            ctx.after_run()
+            if ctx.probe_result is not None:
+                summary = {**(summary or {}), "probe_s": round(ctx.probe_result.seconds, 2)}
+        except ProbeDone as done:
+            summary = {"probe": done.result}
         outcome = Outcome(spec.rank, True, summary=summary or {})
     except BaseException as exc:  # a rank must report, whatever went wrong
         tb = _short_traceback(exc)

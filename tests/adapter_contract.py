@@ -27,6 +27,9 @@ PRESET_DDP_KWARGS = {
     "safe": {"find_unused_parameters": True},
     "static": {"static_graph": True},
     "debug": {"find_unused_parameters": True},
+    # decided in each run by the probe (or ddp.ignore); nothing fixed at translation time
+    "auto": {},
+    "ignore": {},
 }
 
 

@@ -8,13 +8,13 @@ from conftest import output, run_dirs, train
 
 CASES = {
     # override(s): words the message must contain
-    "ddp=fast": ["ddp=fast", "Available: debug, safe, static, strict"],
-    "ddp.unused_params=findd": ["ddp.unused_params=findd is not a valid value", "strict, find, static"],
+    "ddp=fast": ["ddp=fast", "Available: auto, debug, ignore, safe, static, strict"],
+    "ddp.unused_params=findd": ["ddp.unused_params=findd is not a valid value", "strict, find, static, ignore, auto"],
     "ddp.unusd_params=find": ["ddp.unusd_params is not a known setting", "Did you mean ddp.unused_params?"],
     "+ddp.unusd_params=find": ["ddp.unusd_params is not a known setting", "Did you mean ddp.unused_params?"],
     "framework=keras": ["framework=keras", "Available: fastnlp, mmdet, nnunet, torch"],
     "launcher.nproc=0": ["launcher.nproc=0", "at least 1"],
-    "ddp.unused_params=auto": ["ddp.unused_params=auto is not available yet", "ddp=safe"],
+    "ddp.ignore=[aux]": ["ddp.ignore is set, but ddp.unused_params=auto", "ddp=ignore"],
     "ddp.debug=loud": ["ddp.debug=loud is not a valid value", "off, info, detail"],
     "framework.steps=many": ["framework.steps", "could not be converted to Integer"],
     "framework.model._target_=no_such_pkg.Net": ["framework.model._target_=no_such_pkg.Net cannot be imported"],

@@ -10,8 +10,8 @@ from adapters import registry
 from adapters.base import ddp_kwargs, debug_env
 from adapters.cli import explain
 from adapters.config import compose, conf_dir, validate
-from adapters.errors import ConfigError, NotAvailableYet
-from adapters.policy import Backend, DDPPolicy, DebugLevel, UnusedParams, check_available, check_kwargs
+from adapters.errors import ConfigError
+from adapters.policy import Backend, DDPPolicy, DebugLevel, UnusedParams, check_kwargs, check_policy
 
 PRESETS = sorted(p.stem for p in (conf_dir() / "ddp").glob("*.yaml"))
 # Every conf/ddp preset -> TORCH_DISTRIBUTED_DEBUG on gloo and on nccl. (DDP keyword arguments per preset:
@@ -21,6 +21,8 @@ EXPECTED_ENV = {
     "safe": ({}, {}),
     "static": ({}, {}),
     "debug": ({"TORCH_DISTRIBUTED_DEBUG": "INFO"}, {"TORCH_DISTRIBUTED_DEBUG": "DETAIL"}),
+    "auto": ({}, {}),
+    "ignore": ({}, {}),
 }
 
 
@@ -63,10 +65,12 @@ def test_debug_detail_is_lowered_on_gloo_with_a_reason():
     assert debug_env(DDPPolicy(debug=DebugLevel.detail), Backend.nccl) == ({"TORCH_DISTRIBUTED_DEBUG": "DETAIL"}, ())
 
 
-@pytest.mark.parametrize("choice", ["ignore", "auto"])
-def test_planned_choices_fail_clearly(choice):
-    with pytest.raises(NotAvailableYet, match=f"ddp.unused_params={choice} is not available yet"):
-        check_available(DDPPolicy(unused_params=UnusedParams[choice]))
+def test_ignore_names_only_with_ignore():
+    check_policy(DDPPolicy(unused_params=UnusedParams.ignore, ignore=["aux_head"]))
+    with pytest.raises(ConfigError, match="ddp.ignore is set, but ddp.unused_params=find"):
+        check_policy(DDPPolicy(unused_params=UnusedParams.find, ignore=["aux_head"]))
+    with pytest.raises(ConfigError, match="ddp.probe_steps=0 must be at least 1"):
+        check_policy(DDPPolicy(probe_steps=0))
 
 
 def test_ddp_kwargs_checked_against_the_signature():

@@ -21,7 +21,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from ..base import Adapter, NativeSettings, WorkerContext, ddp_kwargs, debug_env
+from ..base import Adapter, NativeSettings, WorkerContext, ddp_kwargs, debug_env, policy_notes
 from ..errors import ConfigError
 from ..policy import Backend, DDPPolicy
 
@@ -84,7 +84,7 @@ class FastNLPAdapter(Adapter):
             settings=settings,
             env=env,
             notes=(how, "model_wo_auto_param_call (seed 004) only turns off batch-to-argument matching; "
-                        "it does not touch DDP.", *notes),
+                        "it does not touch DDP.", *policy_notes(policy), *notes),
             snippet=snippet,
         )  # fmt: skip
 
@@ -113,6 +113,7 @@ class FastNLPAdapter(Adapter):
             from fastNLP import Trainer
 
         from ..demo import SyntheticTokens, TextClassifier
+        from .torch import cycle
 
         fw = ctx.cfg["framework"]
         torch.manual_seed(fw["seed"])
@@ -121,11 +122,22 @@ class FastNLPAdapter(Adapter):
         # fastNLP swaps in a distributed sampler itself.
         loader = DataLoader(data, batch_size=fw["batch_size"], shuffle=True, drop_last=True)
         trainer_args = dict(ctx.native.settings["trainer_kwargs"])
-        if "outside_ddp_kwargs" in ctx.native.settings:
-            model = ctx.track_ddp(DistributedDataParallel(model, **ctx.native.settings["outside_ddp_kwargs"]))
+        outside = "outside_ddp_kwargs" in ctx.native.settings
+        model.to(ctx.device)
+
+        def probe_step(batch: dict) -> None:
+            model(**{k: v.to(ctx.device) for k, v in batch.items()})["loss"].backward()
+
+        # fastNLP's own driver wraps the model in a _DDPWrappingModel, whose parameter names differ: there,
+        # parameters unused everywhere are handled with static_graph instead of DDP's ignore list.
+        decided = ctx.resolve_unused_params(model, cycle(loader), probe_step, can_ignore=outside) or {}
+        ddp_args = {**ddp_kwargs(ctx.policy), **decided}
+        trainer_args["torch_kwargs"] = {"ddp_kwargs": ddp_args}
+        if outside:
+            model = ctx.track_ddp(DistributedDataParallel(model, **ddp_args))
         optimizer = torch.optim.SGD(model.parameters(), lr=fw["lr"], momentum=0.9)
         trainer = Trainer(model=model, optimizers=optimizer, train_dataloader=loader, n_epochs=fw["n_epochs"],
-                          progress_bar=fw["progress_bar"], **trainer_args)  # fmt: skip
+                          progress_bar=fw["progress_bar"], callbacks=[_FirstStep(ctx)], **trainer_args)  # fmt: skip
         if ctx.ddp_model is None:  # fastNLP wrapped it (nccl path)
             ctx.track_ddp(trainer.driver.model)
         # fastNLP's driver SIGKILLs every other rank when one raises, before they can say why; the launcher
@@ -134,6 +146,24 @@ class FastNLPAdapter(Adapter):
         trainer.run()
         summary: dict[str, Any] = {"epochs": fw["n_epochs"], "batches": trainer.global_forward_batches}
         return summary
+
+
+def _first_step_callback():
+    from fastNLP import Callback
+
+    class FirstStep(Callback):
+        def __init__(self, ctx: WorkerContext):
+            self.ctx = ctx
+
+        def on_after_backward(self, trainer: Any) -> None:
+            self.ctx.first_step_done()
+
+    return FirstStep
+
+
+def _FirstStep(ctx: WorkerContext) -> Any:  # noqa: N802 - reads as the callback it builds
+    """A fastNLP callback that lets strict stop after the first backward (fastNLP imported only here)."""
+    return _first_step_callback()(ctx)
 
 
 ADAPTER = FastNLPAdapter()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..base import Adapter, NativeSettings, WorkerContext, ddp_kwargs, debug_env
+from ..base import Adapter, NativeSettings, WorkerContext, ddp_kwargs, debug_env, policy_notes
 from ..errors import ConfigError, MissingDependency
 from ..policy import Backend, DDPPolicy
 
@@ -78,7 +78,7 @@ class MMDetAdapter(Adapter):
             framework=self.name,
             settings={"model_wrapper_cfg": wrapper, "env_cfg.dist_cfg.backend": backend.name, "launcher": "pytorch"},
             env=env,
-            notes=(*notes, *debug_notes),
+            notes=(*notes, *policy_notes(policy), *debug_notes),
             snippet=f"model_wrapper_cfg = dict({args})",
         )
 
@@ -102,6 +102,8 @@ class MMDetAdapter(Adapter):
     def run(self, ctx: WorkerContext) -> dict[str, Any]:
         import torch.distributed as dist
         from mmengine.runner import Runner
+
+        from .torch import cycle
 
         fw = ctx.cfg["framework"]
         cfg = _load(config_path(fw["config"]), fw["config"])
@@ -128,10 +130,27 @@ class MMDetAdapter(Adapter):
             cfg.merge_from_dict(dict(fw["cfg_options"]))
 
         runner = Runner.from_cfg(cfg)
-        ctx.log.info("model_wrapper_cfg applied: %s", dict(cfg.model_wrapper_cfg))
         ctx.track_ddp(runner.model)
+        inner = runner.model.module
+
+        def probe_step(batch: Any) -> None:  # MMDistributedDataParallel.train_step without the optimizer
+            data = inner.data_preprocessor(batch, True)
+            loss, _ = inner.parse_losses(inner(**data, mode="loss"))
+            loss.backward()
+
+        decided = ctx.resolve_unused_params(inner, cycle(runner.train_loop.dataloader), probe_step)
+        if decided is not None:
+            # mmengine wrapped the model in Runner.__init__, before there was anything to probe; the
+            # optimizer is built later, in train(), so the wrapper can still be replaced.
+            cfg.model_wrapper_cfg = {**cfg.model_wrapper_cfg, **decided}
+            provisional, runner.model = runner.model, None
+            del provisional
+            runner.model = runner.wrap_model(dict(cfg.model_wrapper_cfg), inner)
+            ctx.track_ddp(runner.model)
+        ctx.log.info("model_wrapper_cfg applied: %s", dict(cfg.model_wrapper_cfg))
         ctx.log.info("runner.model: %s, find_unused_parameters=%s", type(runner.model).__name__,
                      getattr(runner.model, "find_unused_parameters", "n/a"))  # fmt: skip
+        runner.register_hook(_first_step_hook(ctx), priority="VERY_LOW")
         runner.train()
         summary: dict[str, Any] = {"iters": runner.iter, "work_dir": cfg.work_dir}
         loss = runner.message_hub.get_scalar("train/loss")
@@ -288,6 +307,17 @@ def write_synthetic_coco(root: Path, num_images: int, size: int, seed: int) -> N
         images.append(dict(id=i + 1, file_name=name, width=size, height=size))
     coco = dict(images=images, annotations=annotations, categories=[dict(id=1, name="box")])
     (root / "annotations.json").write_text(json.dumps(coco))
+
+
+def _first_step_hook(ctx: WorkerContext) -> Any:
+    """An mmengine hook that lets strict stop after the first iteration (mmengine imported only here)."""
+    from mmengine.hooks import Hook
+
+    class FirstStep(Hook):
+        def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None:
+            ctx.first_step_done()
+
+    return FirstStep()
 
 
 ADAPTER = MMDetAdapter()

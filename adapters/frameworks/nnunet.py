@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from ..base import Adapter, NativeSettings, WorkerContext, ddp_kwargs, debug_env
+from ..base import Adapter, NativeSettings, WorkerContext, ddp_kwargs, debug_env, policy_notes
 from ..errors import ConfigError
 from ..policy import Backend, DDPPolicy
 
@@ -75,6 +75,7 @@ class NNUNetAdapter(Adapter):
                 *(() if backend is Backend.nccl else (
                     "On CPU the trainer's device is set back to cpu after nnU-Net's __init__ (which assumes cuda "
                     "whenever a process group exists), without a GradScaler, and device_ids is dropped.",)),
+                *policy_notes(policy),
                 *notes,
             ),
             snippet=f"DDP(self.network, device_ids={device_ids}{args})  # inside nnUNetTrainer.initialize()",
@@ -149,7 +150,8 @@ class NNUNetAdapter(Adapter):
         plans["continue_training"] = False  # nnU-Net's run_training adds this; a trainer built directly needs it
         Trainer.ddp_kwargs = dict(ctx.native.settings["ddp_kwargs"])
         keys = ("deep_supervision", "epochs", "iterations_per_epoch", "val_iterations_per_epoch", "pin_memory")
-        Trainer.options = {**{key: fw[key] for key in keys}, "on_ddp": ctx.track_ddp}
+        Trainer.options = {**{key: fw[key] for key in keys}, "on_ddp": ctx.track_ddp,
+                           "resolve": ctx.resolve_unused_params, "first_step": ctx.first_step_done}  # fmt: skip
         trainer = Trainer(plans, fw["configuration"], fw["fold"], dataset_json, device=torch.device(ctx.device))
         trainer.run_training()
         losses = trainer.logger.local_logger.my_fantastic_logging.get("train_losses") or [float("nan")]

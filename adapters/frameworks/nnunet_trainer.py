@@ -36,7 +36,8 @@ class nnUNetTrainerDDPPolicy(nnUNetTrainer):
     """
 
     ddp_kwargs: dict[str, Any] = {}
-    # deep_supervision, epochs, iterations_per_epoch, val_iterations_per_epoch, pin_memory, on_ddp
+    # deep_supervision, epochs, iterations_per_epoch, val_iterations_per_epoch, pin_memory, and the
+    # adapter's callbacks: on_ddp(model), resolve(module, batches, step) -> kwargs | None, first_step()
     options: dict[str, Any] = {}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -65,6 +66,33 @@ class nnUNetTrainerDDPPolicy(nnUNetTrainer):
     def initialize(self) -> None:
         with replaced(trainer_module, "DDP", self._ddp):
             super().initialize()
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        resolve = self.options.get("resolve")
+        if resolve is None or not self.is_ddp:
+            return
+        inner = self.network.module
+
+        def probe_step(batch: dict) -> None:  # nnU-Net's train_step without autocast, scaler and optimizer
+            data = batch["data"].to(self.device, non_blocking=True)
+            target = batch["target"]
+            target = [t.to(self.device) for t in target] if isinstance(target, list) else target.to(self.device)
+            self.loss(inner(data), target).backward()
+
+        decided = resolve(inner, iter(self.dataloader_train), probe_step)
+        if decided is not None:
+            # nnU-Net wrapped the network in initialize(), before there were batches to probe. The optimizer
+            # holds the same parameters, so only the wrapper is replaced.
+            self.ddp_kwargs = {**self.ddp_kwargs, **decided}
+            self.network = None
+            self.network = self._ddp(inner, device_ids=[self.local_rank])
+
+    def train_step(self, batch: dict) -> dict:
+        result = super().train_step(batch)
+        if self.options.get("first_step") is not None:
+            self.options["first_step"]()
+        return result
 
     def get_dataloaders(self):
         pin_memory = self.options.get("pin_memory")

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict
 
-from ..base import Adapter, NativeSettings, WorkerContext, ddp_kwargs, debug_env
+from ..base import Adapter, NativeSettings, WorkerContext, ddp_kwargs, debug_env, policy_notes
 from ..errors import ConfigError
 from ..policy import Backend, DDPPolicy, UnusedParams
 
@@ -47,9 +47,9 @@ class TorchConfig:
 
 
 _COST = {
-    UnusedParams.strict: "DDP's default: no extra work per step; stops if a parameter gets no gradient.",
-    UnusedParams.find: "find_unused_parameters=True: one extra walk of the autograd graph after every forward.",
-    UnusedParams.static: "static_graph=True: learns the used parameters in step 1; they must not change later.",
+    UnusedParams.strict: ("DDP's default: no extra work per step; stops if a parameter gets no gradient.",),
+    UnusedParams.find: ("find_unused_parameters=True: one extra walk of the autograd graph after every forward.",),
+    UnusedParams.static: ("static_graph=True: learns the used parameters in step 1; they must not change later.",),
 }
 
 
@@ -66,7 +66,7 @@ class TorchAdapter(Adapter):
             framework=self.name,
             settings={"ddp_kwargs": kwargs},
             env=env,
-            notes=(_COST[policy.unused_params], *notes),
+            notes=(*_COST.get(policy.unused_params, ()), *policy_notes(policy), *notes),
             snippet=f"torch.nn.parallel.DistributedDataParallel(model, device_ids={device_ids}{args})",
         )
 
@@ -97,9 +97,16 @@ class TorchAdapter(Adapter):
         sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=fw["seed"], drop_last=True)
         loader = DataLoader(dataset, batch_size=fw["batch_size"], sampler=sampler, drop_last=True,
                             num_workers=fw["num_workers"], pin_memory=device.type == "cuda")  # fmt: skip
-        ddp = ctx.track_ddp(
-            DistributedDataParallel(model, device_ids=ctx.device_ids, **ctx.native.settings["ddp_kwargs"])
-        )
+
+        def to_device(batch: dict) -> dict:
+            return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+        def probe_step(batch: dict) -> None:
+            _loss(model(**to_device(batch))).backward()
+
+        decided = ctx.resolve_unused_params(model, cycle(loader), probe_step) or {}
+        kwargs = {**ctx.native.settings["ddp_kwargs"], **decided}
+        ddp = ctx.track_ddp(DistributedDataParallel(model, device_ids=ctx.device_ids, **kwargs))
         optimizer = torch.optim.SGD(ddp.parameters(), lr=fw["lr"], momentum=0.9)
 
         steps, log_every = fw["steps"], fw["log_every"]
@@ -114,10 +121,11 @@ class TorchAdapter(Adapter):
         while step < steps:
             sampler.set_epoch(epoch)
             for batch in loader:
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                loss = _loss(ddp(**batch))
+                loss = _loss(ddp(**to_device(batch)))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if step == 0:
+                    ctx.first_step_done()
                 optimizer.step()
                 step += 1
                 loss_sum += loss.detach()
@@ -144,6 +152,12 @@ class TorchAdapter(Adapter):
             torch.save(ddp.module.state_dict(), path)
             summary["weights"] = str(path)
         return summary
+
+
+def cycle(iterable: Any) -> Any:
+    """Batches without end (the probe may want more steps than one pass has)."""
+    while True:
+        yield from iterable
 
 
 def _loss(output: Any) -> Any:

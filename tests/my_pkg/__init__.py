@@ -53,8 +53,13 @@ class TrickyNet(nn.Module):
         h = self.blocks["inner"](self.stem(x) + self.frozen)
         h = self.reuse(h)
         loss = ((self.head(h).squeeze(-1) * self.scale - y) ** 2).mean()
-        # "none": everything in the loss; "aux": the aux branch never is; "alternate": only in odd steps.
-        if self.unused == "none" or (self.unused == "alternate" and self.steps % 2):
+        # "none": everything in the loss; "aux": the aux branch never is; "alternate": only in odd steps;
+        # "some_ranks": only on rank 0.
+        if (
+            self.unused == "none"
+            or (self.unused == "alternate" and self.steps % 2)
+            or (self.unused == "some_ranks" and rank == 0)
+        ):
             p = self.aux["proj"](h)
             loss = loss + (self.aux["out"](p) + self.aux_tied(p)).pow(2).mean() * 1e-3
         return {"loss": loss}
