@@ -86,3 +86,12 @@ def test_bad_options_name_the_key(workdir, override, words):
     assert proc.returncode == 2, output(proc)
     assert words in proc.stderr
     assert run_dirs(workdir) == []
+
+
+@fastnlp
+@pytest.mark.slow
+def test_auto_leaves_out_the_switched_off_head(workdir):
+    proc = train(workdir, "framework=fastnlp", "framework.aux_loss=false", "ddp=auto", "framework.n_epochs=1")
+    assert proc.returncode == 0, output(proc)
+    assert "ddp=auto chose ignore: the same 2 parameters got no gradient" in proc.stdout
+    assert "DDP leaves out aux_head: aux_head.weight, aux_head.bias" in proc.stdout

@@ -131,3 +131,17 @@ def test_explain_imports_neither_mmdet_nor_mmengine():
             "print([m for m in ('mmdet', 'mmengine', 'mmcv') if m in sys.modules])")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@mmdet
+@pytest.mark.slow
+def test_auto_leaves_out_the_unused_backbone_conv(workdir):
+    proc = train(workdir, *SMALL, f"framework.config={YOLO}", "framework.synthetic_data=true", "ddp=auto",
+                 timeout=400)  # fmt: skip
+    assert proc.returncode == 0, output(proc)
+    assert "ddp=auto chose ignore: the same 3 parameters got no gradient" in proc.stdout
+    assert "DDP leaves out backbone.conv2.bn: backbone.conv2.bn.weight, backbone.conv2.bn.bias" in proc.stdout
+    [run_dir] = run_dirs(workdir)
+    for rank in (0, 1):
+        assert "find_unused_parameters=False, static_graph=False" in (run_dir / f"rank{rank}.log").read_text()
+        assert "ignored=3" in (run_dir / f"rank{rank}.log").read_text()

@@ -170,3 +170,29 @@ def test_dataset_without_nnunet_folders_says_where_to_look(workdir):
         pytest.skip("nnunetv2 not installed: the install hint is tested in test_bad_input")
     assert proc.returncode == 2
     assert "nnUNet_preprocessed is not set" in proc.stderr
+
+
+@nnunet
+@pytest.mark.slow
+def test_doctor_names_the_decoder_seg_layers(trained, workdir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "adapters", "doctor", "framework=nnunet", "framework.dataset=Dataset001_Blobs",
+         "framework.deep_supervision=false"],
+        cwd=workdir, env={**ENV, **own_data_env(trained[1])}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Unused in every step on every rank (6; their gradients stay None" in proc.stdout
+    for line in SEG_LAYERS:
+        assert line in proc.stdout
+    assert "Recommended: ddp=ignore" in proc.stdout
+
+
+@nnunet
+@pytest.mark.slow
+def test_auto_leaves_out_the_seg_layers_and_trains(trained, workdir):
+    proc = train(workdir, "framework=nnunet", "framework.dataset=1", "framework.deep_supervision=false", "ddp=auto",
+                 env=own_data_env(trained[1]))  # fmt: skip
+    assert proc.returncode == 0, output(proc)
+    assert "ddp=auto chose ignore: the same 6 parameters got no gradient" in proc.stdout
+    [run_dir] = run_dirs(workdir)
+    assert "ignored=6" in (run_dir / "rank1.log").read_text()
