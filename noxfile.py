@@ -68,6 +68,6 @@ def demo(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
-    """Benchmarks: the per-step cost of each ddp preset, side by side in one run."""
+    """Benchmark: steps/s of strict, find, static, ignore and auto side by side, and the probe's cost."""
     session.install(TORCH, "-e", ".")
-    session.run("python", "benchmarks/ddp_presets.py", *session.posargs)
+    session.run("python", "benchmarks/ddp_policies.py", *session.posargs)

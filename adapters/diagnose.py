@@ -142,6 +142,7 @@ def _ranks(ranks: Iterable[int]) -> str:
 _FIXES = {
     "unused_parameters": (
         "Fix it with one word on the command line:\n"
+        "  ddp=auto     probe the model first and pick the cheapest setting that works (the default).\n"
         "  ddp=static   static_graph=True. No per-step search; needs the same parameters unused in every step.\n"
         "  ddp=safe     find_unused_parameters=True. Works whatever changes between steps; walks the autograd\n"
         "               graph after every forward to find them.\n"

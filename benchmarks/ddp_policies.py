@@ -1,0 +1,185 @@
+"""Steps per second for strict, find, static, ignore and auto, measured side by side in one run.
+
+Two ranks (gloo on CPU; nccl when there is a GPU per rank) train two models:
+
+* ``deep MLP, all used``: a deep, narrow MLP, every parameter in the loss: many small autograd nodes,
+  where find_unused_parameters' extra graph walk weighs most;
+* ``deep MLP + unused head``: the same with an auxiliary head left out of the loss (strict cannot run).
+
+Each setting gets its own identically initialised copy and DDP wrapper; ``auto`` goes through the same
+code the adapters use (``WorkerContext.resolve_unused_params``: probe, decide, apply). The settings take
+turns in short timed blocks in a rotating order, so drift on the machine falls on all of them alike.
+The table gives each setting's median step time and its ratio to the best hand-picked setting (the
+fastest of strict, find, static and ignore that works), and the probe's cost in training steps.
+
+    python benchmarks/ddp_policies.py [--rounds 40] [--steps 10] [--layers 96] [--width 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+HAND_PICKED = {"strict": {}, "find": {"find_unused_parameters": True}, "static": {"static_graph": True},
+               "ignore": None}  # fmt: skip
+
+
+def _model(layers: int, width: int, unused_head: bool):
+    import torch
+    from torch import nn
+
+    class DeepMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+            self.head = nn.Linear(width, 1)
+            self.aux_head = nn.Sequential(nn.Linear(width, width), nn.Linear(width, 1))  # left out of the loss
+
+        def forward(self, x, y):
+            for layer in self.layers:
+                x = torch.tanh(layer(x))
+            loss = ((self.head(x).squeeze(-1) - y) ** 2).mean()
+            if not unused_head:
+                loss = loss + self.aux_head(x).pow(2).mean() * 1e-3
+            return loss
+
+    return DeepMLP()
+
+
+def _timed(ddp, opt, inputs, steps: int, cuda: bool) -> float:
+    """Seconds per step over ``steps`` steps, as slow as the slowest rank."""
+    import torch
+    import torch.distributed as dist
+
+    if cuda:
+        torch.cuda.synchronize()
+    dist.barrier()
+    start = time.perf_counter()
+    for s in range(steps):
+        loss = ddp(**inputs[s % len(inputs)])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = torch.tensor([time.perf_counter() - start])
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return elapsed.item() / steps
+
+
+def _auto(net, inputs, rank: int, world: int, cuda: bool, device) -> tuple[dict, float, str]:
+    """ddp=auto through the adapters' own code: probe, decide, apply."""
+    from adapters.base import NativeSettings, WorkerContext
+    from adapters.policy import Backend, DDPPolicy, UnusedParams
+
+    backend = Backend.nccl if cuda else Backend.gloo
+    policy = DDPPolicy(unused_params=UnusedParams.auto)
+    ctx = WorkerContext(rank, rank, world, backend, str(device), Path("."), {}, policy, NativeSettings("torch", {}),
+                        logging.getLogger("bench"))  # fmt: skip
+    decided = ctx.resolve_unused_params(net, iter(inputs * 2), lambda batch: net(**batch).backward())
+    return decided or {}, ctx.probe_result.seconds, ctx.probe_result.decision()[0].name
+
+
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from adapters.probe import set_ignored
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
+    if cuda:
+        torch.cuda.set_device(rank)
+    device = torch.device(f"cuda:{rank}" if cuda else "cpu")
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    g = torch.Generator().manual_seed(rank)
+    inputs = [{"x": torch.randn(args.batch, args.width, generator=g).to(device),
+               "y": torch.randn(args.batch, generator=g).to(device)} for _ in range(4)]  # fmt: skip
+    results = {}
+    for scenario, unused_head in (("deep MLP, all used", False), ("deep MLP + unused head", True)):
+        models, probe_seconds, auto_choice = {}, 0.0, ""
+        for name in [*HAND_PICKED, "auto"]:
+            if name == "strict" and unused_head:
+                continue
+            torch.manual_seed(0)
+            net = _model(args.layers, args.width, unused_head).to(device)
+            kwargs = HAND_PICKED.get(name) or {}
+            if name == "ignore" and unused_head:
+                set_ignored(net, [n for n, _ in net.named_parameters() if n.startswith("aux_head.")])
+            if name == "auto":
+                kwargs, probe_seconds, auto_choice = _auto(net, inputs, rank, world, cuda, device)
+            ddp = DistributedDataParallel(net, device_ids=[rank] if cuda else None, **kwargs)
+            models[name] = (ddp, torch.optim.SGD(ddp.parameters(), lr=1e-3))
+        names = list(models)
+        for name in names:  # warm up every wrapper (static_graph records its graph in step 1)
+            _timed(*models[name], inputs, 3, cuda)
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(args.rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                times[name].append(_timed(*models[name], inputs, args.steps, cuda))
+        results[scenario] = {"ms": {n: statistics.median(t) * 1000 for n, t in times.items()},
+                             "probe_s": probe_seconds, "auto_choice": auto_choice}  # fmt: skip
+        models.clear()
+    if rank == 0:
+        queue.put(results)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def table(results: dict, args: argparse.Namespace) -> str:
+    lines = [
+        f"2 ranks, {'nccl' if args.cuda else 'gloo (CPU)'}, MLP {args.layers} layers x {args.width}, "
+        f"batch {args.batch}/rank, median of {args.rounds} rounds x {args.steps} steps, side by side in one run.",
+        "",
+        "| model | setting | ms/step | steps/s | vs best hand-picked |",
+        "|-------|---------|---------|---------|---------------------|",
+    ]
+    for scenario, row in results.items():
+        ms = row["ms"]
+        best = min(ms[n] for n in ms if n != "auto")
+        best_name = min((n for n in ms if n != "auto"), key=ms.get)
+        for name, value in ms.items():
+            label = f"auto (chose {row['auto_choice']})" if name == "auto" else name
+            mark = " (best)" if name == best_name else ""
+            lines.append(f"| {scenario} | {label} | {value:.2f} | {1000 / value:.1f} | {best / value:.3f}x{mark} |")
+        chosen = ms["auto"]
+        lines.append(f"| {scenario} | probe cost | {row['probe_s'] * 1000:.1f} ms | | "
+                     f"{row['probe_s'] * 1000 / chosen:.2f} training steps |")  # fmt: skip
+    lines.append("")
+    lines.append("vs best hand-picked: steps/s of the setting divided by steps/s of the fastest of strict, find, "
+                 "static, ignore (1.000x = as fast; below 1 = slower).")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed block")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=96)
+    parser.add_argument("--width", type=int, default=64)
+    args = parser.parse_args()
+
+    import torch
+    import torch.multiprocessing as mp
+
+    from adapters.launch import free_port
+
+    args.cuda = torch.cuda.is_available() and torch.cuda.device_count() >= 2
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(_worker, args=(2, free_port("127.0.0.1"), args, queue), nprocs=2, start_method="spawn")
+    print(table(queue.get(), args))
+
+
+if __name__ == "__main__":
+    main()
