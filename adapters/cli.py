@@ -53,10 +53,14 @@ def _task(cfg: Any) -> None:
 
     from .config import validate
     from .launch import launch
+    from .presets import check_trust, config_sources
 
     try:
+        runtime = HydraConfig.get()
+        choices = {k: v for k, v in runtime.runtime.choices.items() if "hydra/" not in k}
+        check_trust(choices, config_sources(list(runtime.overrides.task)), list(cfg.trust.allowed_targets))
         checked = validate(cfg)
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        run_dir = Path(runtime.runtime.output_dir)
         summary = launch(checked, run_dir)
     except AdapterError as exc:
         sys.exit(_fail(exc))
@@ -117,15 +121,17 @@ def explain(overrides: Sequence[str], as_json: bool = False) -> str:
     ddp = OmegaConf.to_container(cfg.ddp, enum_to_str=True)
     if as_json:
         return json.dumps(
-            {"framework": checked.framework, "ddp_preset": choices.get("ddp"), "policy": ddp,
+            {"framework": checked.framework, "ddp_preset": choices.get("ddp"), "preset": choices.get("preset"),
+             "policy": ddp,
              "backend": backend.name, "settings": dict(native.settings), "env": dict(native.env),
              "snippet": native.snippet, "notes": list(native.notes),
              "framework_changes": adapter.explain_framework(cfg.framework)},
             indent=2, default=str,
         )  # fmt: skip
     entry = registry.entry(checked.framework)
+    preset = f"    preset: {choices['preset']}" if choices.get("preset") else ""
     out = [
-        f"framework: {checked.framework} ({entry.title})    ddp preset: {choices.get('ddp')}",
+        f"framework: {checked.framework} ({entry.title})    ddp preset: {choices.get('ddp')}{preset}",
         "",
         "policy (ddp):",
         _indent(OmegaConf.to_yaml(OmegaConf.create(ddp)).rstrip()),
@@ -176,12 +182,18 @@ def module_main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("explain", help="print the composed policy and the framework's native settings")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py (framework=mmdet ddp=safe)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("presets", help="list the presets visible now, where each comes from and what it sets")
+    p.add_argument("overrides", nargs="*", help="e.g. hydra.searchpath=[file://path/to/team-presets]")
     p = sub.add_parser("doctor", help="run only the unused-parameter probe on every rank and report it")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
     args = parser.parse_args(argv)
     try:
         if args.command == "explain":
             print(explain(args.overrides, as_json=args.json))
+        elif args.command == "presets":
+            from .presets import format_presets, list_presets
+
+            print(format_presets(list_presets(args.overrides)))
         elif args.command == "doctor":
             print(doctor(args.overrides))
     except AdapterError as exc:

@@ -117,24 +117,44 @@ def compose(overrides: Sequence[str] = (), *, with_choices: bool = False) -> Any
     from omegaconf import open_dict
     from omegaconf.errors import OmegaConfBaseException
 
+    from .presets import check_trust, config_sources
+
     register_configs()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides), return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise _explain_compose_error(exc, overrides) from None
+        error = _explain_compose_error(exc, overrides)
+        raise type(error)(f"{error}{_where(str(exc), overrides)}") from None
     finally:
         GlobalHydra.instance().clear()
     choices = {k: v for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items() if "hydra/" not in k}
     with open_dict(cfg):
         del cfg["hydra"]
+    check_trust(choices, config_sources(overrides), list(cfg.trust.allowed_targets))
     return (cfg, choices) if with_choices else cfg
+
+
+_IN_CONFIG = re.compile(r"^In '([^'/]+)/([^']+)':")
+
+
+def _where(text: str, overrides: Sequence[str]) -> str:
+    """For an error inside a config file: which file, and where it was found."""
+    from .presets import config_sources, locate
+
+    found = _IN_CONFIG.search(text)
+    if not found:
+        return ""
+    group, name = found.groups()
+    source = locate(config_sources(overrides), group, name)
+    return f"\n(in {group}={name}: {source.location(group, name)})" if source else f"\n(in {group}={name})"
 
 
 _COULD_NOT_OVERRIDE = re.compile(r"Could not override '([^']+)'")
 _INVALID_VALUE = re.compile(r"Invalid value '([^']*)', expected one of \[([^\]]*)\]")
 _FULL_KEY = re.compile(r"full_key: (\S+)")
+_KEY_NOT_IN = re.compile(r"Key '([^']+)' not in '([^']+)'")
 _NO_OPTION = re.compile(r"Could not find '([^']+)/([^'/]+)'")
 _OPTIONS = re.compile(r"Available options in '[^']+':\n((?:\t.*\n?)+)")
 
@@ -170,6 +190,10 @@ def _explain_compose_error(exc: Exception, overrides: Sequence[str]) -> ConfigEr
             f"{group}={option}: there is no such option in the '{group}' group.\n"
             f"Available: {listed}.\nFix: {group}=<one of them>."
         )
+    not_in = _KEY_NOT_IN.search(detail)
+    full_key = _FULL_KEY.search(detail)
+    if not_in and full_key:
+        return unknown_key_error(full_key.group(1), schema_fields(not_in.group(2)))
     invalid = _INVALID_VALUE.search(detail)
     if invalid:
         full_key = _FULL_KEY.search(detail)
@@ -177,6 +201,18 @@ def _explain_compose_error(exc: Exception, overrides: Sequence[str]) -> ConfigEr
         value, choices = invalid.groups()
         return ConfigError(f"{key}={value} is not a valid value. Valid values: {choices}.\nFix: {key}=<one of them>.")
     return ConfigError(detail.strip())
+
+
+def schema_fields(class_name: str) -> list[str]:
+    """The keys of one of our schema dataclasses, by its class name (as OmegaConf's errors name it)."""
+    from .policy import TrustConfig
+
+    schemas = [DDPPolicy, LauncherConfig, RunConfig, TrustConfig]
+    schemas += [registry.load_adapter(name).schema for name in registry.FRAMEWORKS]
+    for schema in schemas:
+        if schema.__name__ == class_name:
+            return [f.name for f in fields(schema)]
+    return []
 
 
 def _override_key(override: str) -> str:

@@ -100,12 +100,24 @@ class LauncherConfig:
 
 
 @dataclass
+class TrustConfig:
+    """The ``trust`` node: what configs from shared presets (a folder or a pip package) may do."""
+
+    # Module prefixes whose callables (``_target_``) a shared config may name. Ours are trusted as they are;
+    # a shared config that sets ``trust`` itself is refused. Widen it on the command line for a team's models.
+    allowed_targets: List[str] = field(
+        default_factory=lambda: ["adapters.", "torch.nn.", "torch.optim.", "torch.utils.data."]
+    )
+
+
+@dataclass
 class RunConfig:
     """The root of the composed config. ``framework`` is typed by each framework's own schema."""
 
     framework: Any = MISSING
     ddp: DDPPolicy = field(default_factory=DDPPolicy)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
 
 
 def schema_keys(schema: type) -> list[str]:

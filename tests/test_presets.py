@@ -1,0 +1,154 @@
+"""Team-wide presets: ours, a shared folder, a pip package with a SearchPathPlugin, validation and trust."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from adapters.config import compose
+from adapters.errors import ConfigError
+from adapters.presets import list_presets
+
+from conftest import ENV, REPO, TRAIN, output, run, run_dirs, train
+
+TEAM_PACKAGE = REPO / "examples" / "team-presets"
+WIDER_TRUST = "trust.allowed_targets=[adapters.,torch.nn.,team_presets.models.]"
+
+
+def write_preset(folder: Path, name: str, body: str) -> Path:
+    (folder / "preset").mkdir(parents=True, exist_ok=True)
+    path = folder / "preset" / f"{name}.yaml"
+    path.write_text("# @package _global_\n" + textwrap.dedent(body))
+    return path
+
+
+def test_our_presets_set_framework_ddp_launcher_and_options():
+    cfg, choices = compose(["preset=detection-cpu-smoke"], with_choices=True)
+    assert (choices["framework"], choices["ddp"], choices["launcher"]) == ("mmdet", "auto", "local")
+    assert cfg.framework.max_iters == 2 and cfg.launcher.nproc == 2
+    cfg, choices = compose(["preset=nnunet-no-deep-supervision"], with_choices=True)
+    assert choices["ddp"] == "ignore" and cfg.framework.deep_supervision is False
+
+
+def test_command_line_wins_over_the_preset():
+    cfg, choices = compose(["preset=torch-heads-off", "ddp=safe", "framework.steps=3"], with_choices=True)
+    assert choices["ddp"] == "safe" and cfg.ddp.unused_params.name == "find" and cfg.framework.steps == 3
+
+
+@pytest.mark.slow
+def test_a_preset_trains(workdir):
+    proc = train(workdir, "preset=torch-heads-off", "framework.steps=6", "framework.log_every=3")
+    assert proc.returncode == 0, output(proc)
+    assert (
+        "DDP as built: find_unused_parameters=False, static_graph=True"
+        in (run_dirs(workdir)[0] / "rank0.log").read_text()
+    )
+
+
+def test_a_shared_folder(tmp_path):
+    write_preset(tmp_path, "ours", """
+        defaults:
+          - override /ddp: static
+          - _self_
+        framework:
+          deep_supervision: false
+    """)  # fmt: skip
+    cfg, choices = compose([f"hydra.searchpath=[file://{tmp_path}]", "preset=ours"], with_choices=True)
+    assert choices["ddp"] == "static" and cfg.framework.deep_supervision is False
+    names = {(p.name, p.trusted) for p in list_presets([f"hydra.searchpath=[file://{tmp_path}]"])}
+    assert ("ours", False) in names and ("torch-heads-off", True) in names
+
+
+@pytest.mark.parametrize("body,words", [
+    ("ddp:\n  unusd_params: find\n", ["ddp.unusd_params is not a known setting", "Did you mean ddp.unused_params?"]),
+    ("ddp:\n  unused_params: findd\n", ["ddp.unused_params=findd is not a valid value", "strict, find, static"]),
+    ("framework:\n  stepz: 3\n", ["framework.stepz is not a known setting", "Did you mean framework.steps?"]),
+])  # fmt: skip
+def test_a_bad_shared_preset_fails_at_compose_time_naming_the_file(tmp_path, body, words):
+    path = write_preset(tmp_path, "broken", body)
+    with pytest.raises(ConfigError) as error:
+        compose([f"hydra.searchpath=[file://{tmp_path}]", "preset=broken"])
+    for w in words:
+        assert w in str(error.value)
+    assert f"(in preset=broken: file://{path}" in str(error.value)
+
+
+def test_a_shared_preset_may_only_name_allowed_callables(tmp_path):
+    write_preset(tmp_path, "evil", "framework:\n  model:\n    _target_: os.system\n")
+    with pytest.raises(ConfigError, match=r"preset=evil \(from file://.*evil.yaml.*\) names the callable 'os.system'"):
+        compose([f"hydra.searchpath=[file://{tmp_path}]", "preset=evil"])
+    write_preset(tmp_path, "sneaky", "trust:\n  allowed_targets: [os.]\n")
+    with pytest.raises(ConfigError, match="sets `trust`: a shared config cannot widen what it is trusted with"):
+        compose([f"hydra.searchpath=[file://{tmp_path}]", "preset=sneaky"])
+
+
+def test_refused_callable_through_train_py_writes_nothing(tmp_path, workdir):
+    write_preset(tmp_path, "evil", "framework:\n  data:\n    _target_: subprocess.call\n")
+    proc = train(workdir, f"hydra.searchpath=[file://{tmp_path}]", "preset=evil")
+    assert proc.returncode == 2 and "names the callable 'subprocess.call'" in proc.stderr
+    assert run_dirs(workdir) == []
+
+
+@pytest.fixture(scope="module")
+def team_site(tmp_path_factory):
+    """The template team package, built and installed (into a folder put on PYTHONPATH)."""
+    site = tmp_path_factory.mktemp("team") / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
+                    str(TEAM_PACKAGE)], check=True, capture_output=True, text=True)  # fmt: skip
+    return {"PYTHONPATH": f"{site}:{ENV['PYTHONPATH']}"}
+
+
+def test_an_installed_package_s_presets_are_visible_with_no_flag(team_site, workdir):
+    proc = run([sys.executable, "-m", "adapters", "presets"], workdir, env=team_site)
+    assert proc.returncode == 0, output(proc)
+    assert "preset=team-heads-off    pkg://team_presets.conf/preset/team-heads-off.yaml (team-presets)" in proc.stdout
+    assert "preset=detection-cpu-smoke" in proc.stdout
+    proc = run([sys.executable, "-m", "adapters", "explain", "preset=team-heads-off", "--json"], workdir, env=team_site)
+    assert proc.returncode == 0, output(proc)
+    assert '"preset": "team-heads-off"' in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_package_preset_with_its_own_model_needs_trust_then_trains(team_site, workdir):
+    proc = train(workdir, "preset=team-tiny-model", env=team_site)
+    assert proc.returncode == 2 and "names the callable 'team_presets.models.TinySegNet'" in proc.stderr
+    proc = train(workdir, "preset=team-tiny-model", WIDER_TRUST, env=team_site)
+    assert proc.returncode == 0, output(proc)
+    assert "step 6/6" in proc.stdout and "ddp=auto chose ignore" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_conf_and_works_installed(tmp_path):
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(REPO)],
+                   check=True, capture_output=True, text=True)  # fmt: skip
+    [wheel] = wheels.glob("ddp_adapters-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    torch_pin = f"torch=={__import__('torch').__version__.split('+')[0]}"
+    subprocess.run([py, "-m", "pip", "install", "-q", torch_pin, str(wheel)], check=True, capture_output=True)
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    explain = subprocess.run([py, "-m", "adapters", "explain", "framework=torch", "ddp=safe"], cwd=cwd, env=env,
+                             capture_output=True, text=True)  # fmt: skip
+    assert explain.returncode == 0, explain.stderr
+    assert "find_unused_parameters=True" in explain.stdout
+    where = subprocess.run([py, "-c", "import adapters.config as c; print(c.conf_dir())"], cwd=cwd, env=env,
+                           capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert "site-packages/adapters/conf" in where, "conf/ comes from the wheel, not a clone"
+    presets = subprocess.run([py, "-m", "adapters", "presets"], cwd=cwd, env=env, capture_output=True, text=True)
+    assert "preset=torch-heads-off" in presets.stdout
+    job = subprocess.run([str(venv / "bin" / "ddp-train"), "preset=torch-heads-off", "--cfg", "job"], cwd=cwd,
+                         env=env, capture_output=True, text=True)  # fmt: skip
+    assert job.returncode == 0 and "unused_params: static" in job.stdout, job.stderr
+
+
+def test_train_py_lists_presets_in_help():
+    proc = subprocess.run([sys.executable, str(TRAIN), "--help"], capture_output=True, text=True, env=ENV)
+    assert "preset: detection-cpu-smoke, nnunet-no-deep-supervision, torch-heads-off" in proc.stdout
