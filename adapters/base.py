@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Mapping
 
-from .policy import Backend, DDPPolicy, DebugLevel, UnusedParams
+from .policy import Backend, DDPPolicy, DebugLevel, MemoryPolicy, UnusedParams
 
 
 class ProbeDone(Exception):  # noqa: N818 - not an error: how `doctor` stops a rank after the probe
@@ -118,6 +118,7 @@ class WorkerContext:
     native: NativeSettings
     log: logging.Logger
     ddp_model: Any = None
+    memory: MemoryPolicy = field(default_factory=MemoryPolicy)
     # `python -m adapters doctor`: stop every rank with ProbeDone once the probe has run.
     probe_only: bool = False
     probe_result: Any = None
@@ -246,6 +247,14 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def run(self, ctx: WorkerContext) -> dict[str, Any]:
         """Train in this worker with ``ctx.native`` applied. Returns a small summary (rank 0's is shown)."""
+
+    @abc.abstractmethod
+    def memory_settings(self, memory: MemoryPolicy, framework_cfg: Any, *, backend: Backend,
+                        world_size: int) -> dict[str, Any]:  # fmt: skip
+        """The framework's own memory settings for ``memory``: only what it sets (None keeps the framework's).
+
+        Pure, like ``translate``: ``explain`` prints it and ``run`` applies it.
+        """
 
     def explain_framework(self, framework_cfg: Any) -> list[str]:
         """Lines for ``explain``: what the adapter changes in the framework besides the DDP policy."""

@@ -125,7 +125,9 @@ def explain(overrides: Sequence[str], as_json: bool = False) -> str:
              "policy": ddp,
              "backend": backend.name, "settings": dict(native.settings), "env": dict(native.env),
              "snippet": native.snippet, "notes": list(native.notes),
-             "framework_changes": adapter.explain_framework(cfg.framework)},
+             "framework_changes": adapter.explain_framework(cfg.framework),
+             "memory": adapter.memory_settings(checked.memory, cfg.framework, backend=backend,
+                                               world_size=checked.launcher.nproc)},
             indent=2, default=str,
         )  # fmt: skip
     entry = registry.entry(checked.framework)
@@ -146,6 +148,10 @@ def explain(overrides: Sequence[str], as_json: bool = False) -> str:
         "environment in every rank: "
         + (", ".join(f"{k}={v}" for k, v in native.env.items()) if native.env else "(nothing set)"),
     ]
+    memory = adapter.memory_settings(checked.memory, cfg.framework, backend=backend,
+                                     world_size=checked.launcher.nproc)  # fmt: skip
+    memory_text = ", ".join(f"{k}={v}" for k, v in memory.items()) or "the framework's own settings"
+    out += ["", f"memory (memory.*): {memory_text}"]
     changes = adapter.explain_framework(cfg.framework)
     if changes:
         out += ["", f"also changed in {entry.title} for this run:", *[f"  {line}" for line in changes]]

@@ -24,7 +24,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import registry
 from .errors import ConfigError
-from .policy import Backend, DDPPolicy, LauncherConfig, RunConfig, check_kwargs, check_policy
+from .policy import (
+    Backend,
+    DDPPolicy,
+    LauncherConfig,
+    MemoryPolicy,
+    RunConfig,
+    check_kwargs,
+    check_memory,
+    check_policy,
+)
 
 CONFIG_NAME = "config"
 START_RESOLVER = "adapters_start"
@@ -207,7 +216,7 @@ def schema_fields(class_name: str) -> list[str]:
     """The keys of one of our schema dataclasses, by its class name (as OmegaConf's errors name it)."""
     from .policy import TrustConfig
 
-    schemas = [DDPPolicy, LauncherConfig, RunConfig, TrustConfig]
+    schemas = [DDPPolicy, LauncherConfig, MemoryPolicy, RunConfig, TrustConfig]
     schemas += [registry.load_adapter(name).schema for name in registry.FRAMEWORKS]
     for schema in schemas:
         if schema.__name__ == class_name:
@@ -246,6 +255,7 @@ class Checked:
     cfg: DictConfig
     policy: DDPPolicy
     launcher: LauncherConfig
+    memory: MemoryPolicy
     framework: str
 
 
@@ -277,6 +287,7 @@ def validate(cfg: DictConfig, *, for_run: bool = True) -> Checked:
         raise ConfigError(f"The config could not be resolved: {exc}") from None
     policy = to_object(cfg.ddp, DDPPolicy, "ddp")
     launcher = to_object(cfg.launcher, LauncherConfig, "launcher")
+    memory = to_object(cfg.memory, MemoryPolicy, "memory")
     check_policy(policy)
     check_kwargs(policy)
     if launcher.nproc < 1:
@@ -299,7 +310,8 @@ def validate(cfg: DictConfig, *, for_run: bool = True) -> Checked:
         to_object(cfg.framework, schema, "framework")
     if for_run:
         adapter.validate(cfg.framework)
-    return Checked(cfg, policy, launcher, name)
+    check_memory(memory, name)
+    return Checked(cfg, policy, launcher, memory, name)
 
 
 def resolve_backend(backend: Backend, local_procs: int) -> Backend:

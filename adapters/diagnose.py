@@ -156,15 +156,17 @@ _FIXES = {
     "workers_died": (
         "The data-loading (augmentation) worker processes died. They print no error of their own when they are\n"
         "killed; the likely cause is memory: the host's out-of-memory killer (see `dmesg | grep -i oom`), or a\n"
-        "GPU out-of-memory error. Lower, in this order:\n"
-        "  framework.batch_size     fewer samples in memory per step\n"
-        "  framework.num_workers    fewer worker processes, each holding its own batches (0: in-process)\n"
-        "  framework.pin_memory=false  no page-locked copies of every batch\n"
+        "GPU out-of-memory error. Lower, in this order (memory=lowmem sets all three):\n"
+        "  memory.batch_size        fewer samples in memory per step\n"
+        "  memory.num_workers       fewer worker processes, each holding its own batches (0: in-process)\n"
+        "  memory.pin_memory=false  no page-locked copies of every batch\n"
+        "(nnU-Net also reads framework.batch_size, framework.num_workers and framework.pin_memory.)\n"
         "If a worker raised an error of its own, it is printed above in the rank's log."
     ),
     "oom": (
-        "Lower framework.batch_size first; then framework.num_workers and framework.pin_memory=false. Every rank\n"
-        "must take the same step: one rank skipping a batch on its own would leave the others waiting."
+        "Lower memory.batch_size first (or memory=lowmem: smaller batches, in-process loading, no pinned\n"
+        "memory, mixed precision); with framework=torch, memory.on_oom=halve lets every rank drop the step and\n"
+        "go on at half the batch size. One rank skipping a batch on its own would leave the others waiting."
     ),
     "ready_twice": (
         "This happens with find_unused_parameters=True (ddp=safe) and reentrant activation checkpointing\n"

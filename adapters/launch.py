@@ -37,7 +37,7 @@ def launch(checked: Checked, run_dir: Path, *, probe_only: bool = False) -> dict
     ``probe_only``: every rank stops after the probe (``python -m adapters doctor``); the summary holds it.
     """
     cfg = OmegaConf.to_container(checked.cfg, resolve=True, enum_to_str=True)
-    cfg = {k: cfg[k] for k in ("framework", "ddp", "launcher")}
+    cfg = {k: cfg[k] for k in ("framework", "ddp", "launcher", "memory")}
     if torchrun_env():
         return _run_in_place(checked, cfg, run_dir, probe_only)
     return _run_local(checked, cfg, run_dir, probe_only)

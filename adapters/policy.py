@@ -99,6 +99,34 @@ class LauncherConfig:
     grace_s: float = 3.0
 
 
+class OnOOM(enum.Enum):
+    """What a training step that runs out of memory does."""
+
+    fail = "fail"  # stop at once, naming the settings to lower
+    halve = "halve"  # every rank drops the step, halves its batch size and goes on from the same samples
+
+
+@dataclass
+class MemoryPolicy:
+    """The ``memory`` node: what decides memory use, mapped onto each framework's own settings.
+
+    None keeps the framework's own value (or its ``framework.*`` option).
+    """
+
+    # Samples per process per step.
+    batch_size: Optional[int] = None
+    # Data-loading worker processes per rank (nnU-Net: data-augmentation processes, nnUNet_n_proc_DA).
+    num_workers: Optional[int] = None
+    # Page-locked host copies of each batch, for faster copies to the GPU (no effect on CPU).
+    pin_memory: Optional[bool] = None
+    # Mixed precision: autocast (bfloat16 on CPU, float16 with a GradScaler on GPU) where the framework has it.
+    amp: Optional[bool] = None
+    # fail | halve (framework=torch, whose loop is ours): see OnOOM.
+    on_oom: OnOOM = OnOOM.fail
+    # With halve: the smallest per-process batch size to try before giving up.
+    min_batch_size: int = 1
+
+
 @dataclass
 class TrustConfig:
     """The ``trust`` node: what configs from shared presets (a folder or a pip package) may do."""
@@ -117,11 +145,27 @@ class RunConfig:
     framework: Any = MISSING
     ddp: DDPPolicy = field(default_factory=DDPPolicy)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    memory: MemoryPolicy = field(default_factory=MemoryPolicy)
     trust: TrustConfig = field(default_factory=TrustConfig)
 
 
 def schema_keys(schema: type) -> list[str]:
     return [f.name for f in fields(schema)]
+
+
+def check_memory(memory: MemoryPolicy, framework: str) -> None:
+    for key in ("batch_size", "min_batch_size"):
+        value = getattr(memory, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"memory.{key}={value} must be at least 1.")
+    if memory.num_workers is not None and memory.num_workers < 0:
+        raise ConfigError(f"memory.num_workers={memory.num_workers} must be 0 (in the training process) or more.")
+    if memory.on_oom is OnOOM.halve and framework != "torch":
+        raise ConfigError(
+            f"memory.on_oom=halve needs a training loop that can drop a step and change its batch size: "
+            f"framework=torch has one; framework={framework} runs its own loop.\n"
+            "Fix: memory.on_oom=fail (stops with the settings to lower), or lower memory.batch_size."
+        )
 
 
 def check_policy(policy: DDPPolicy) -> None:

@@ -82,11 +82,12 @@ def run_worker(spec: WorkerSpec) -> Outcome:
 
         from .base import ProbeDone, WorkerContext
         from .config import to_object
-        from .policy import Backend, DDPPolicy
+        from .policy import Backend, DDPPolicy, MemoryPolicy
         from .registry import load_adapter
 
         adapter = load_adapter(spec.framework)
         policy = to_object(OmegaConf.create(spec.cfg["ddp"]), DDPPolicy, "ddp")
+        memory = to_object(OmegaConf.create(spec.cfg["memory"]), MemoryPolicy, "memory")
         backend = Backend[spec.backend]
         native = adapter.translate(policy, backend=backend)
         os.environ.update(native.env)
@@ -112,12 +113,15 @@ def run_worker(spec: WorkerSpec) -> Outcome:
         ctx = WorkerContext(
             rank=spec.rank, local_rank=spec.local_rank, world_size=spec.world_size, backend=backend,
             device=device, run_dir=Path(spec.run_dir), cfg=spec.cfg, policy=policy, native=native, log=log,
-            probe_only=spec.probe_only,
+            memory=memory, probe_only=spec.probe_only,
         )  # fmt: skip
         if spec.rank == 0:
             for note in native.notes:
                 log.info(note)
             log.info("ddp.unused_params=%s -> %s", policy.unused_params.name, native.snippet)
+            applied = adapter.memory_settings(memory, spec.cfg["framework"], backend=backend,
+                                              world_size=spec.world_size)  # fmt: skip
+            log.info("memory -> %s", ", ".join(f"{k}={v}" for k, v in applied.items()) or "the framework's own")
         try:
             summary = adapter.run(ctx)
             ctx.after_run()

@@ -95,3 +95,11 @@ def test_auto_leaves_out_the_switched_off_head(workdir):
     assert proc.returncode == 0, output(proc)
     assert "ddp=auto chose ignore: the same 2 parameters got no gradient" in proc.stdout
     assert "DDP leaves out aux_head: aux_head.weight, aux_head.bias" in proc.stdout
+
+
+@fastnlp
+@pytest.mark.slow
+def test_memory_batch_size_reaches_the_dataloader(workdir):
+    proc = train(workdir, "framework=fastnlp", "framework.n_epochs=1", "memory.batch_size=8")
+    assert proc.returncode == 0, output(proc)
+    assert "finished: epochs=1, batches=16" in proc.stdout  # 256 samples / 2 ranks / 8

@@ -145,3 +145,17 @@ def test_auto_leaves_out_the_unused_backbone_conv(workdir):
     for rank in (0, 1):
         assert "find_unused_parameters=False, static_graph=False" in (run_dir / f"rank{rank}.log").read_text()
         assert "ignored=3" in (run_dir / f"rank{rank}.log").read_text()
+
+
+@mmdet
+@pytest.mark.slow
+def test_memory_lowmem_reaches_train_dataloader(workdir):
+    proc = train(workdir, *SMALL, "memory=lowmem", "memory.batch_size=1", timeout=400)
+    assert proc.returncode == 0, output(proc)
+    [run_dir] = run_dirs(workdir)
+    assert ("memory -> train_dataloader.batch_size=1, train_dataloader.num_workers=0, "
+            "train_dataloader.pin_memory=False") in (run_dir / "rank0.log").read_text()  # fmt: skip
+    config = next((run_dir / "work_dir").glob("*/vis_data/config.py"), None) or next(
+        (run_dir / "work_dir").glob("*.py")
+    )
+    assert "batch_size=1" in config.read_text().replace(" ", "")

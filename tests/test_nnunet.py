@@ -196,3 +196,12 @@ def test_auto_leaves_out_the_seg_layers_and_trains(trained, workdir):
     assert "ddp=auto chose ignore: the same 6 parameters got no gradient" in proc.stdout
     [run_dir] = run_dirs(workdir)
     assert "ignored=6" in (run_dir / "rank1.log").read_text()
+
+
+@nnunet
+@pytest.mark.slow
+def test_memory_batch_size_becomes_the_plan_s_global_batch(trained, workdir):
+    proc = train(workdir, "framework=nnunet", "framework.dataset=1", "memory.batch_size=1", "memory.num_workers=0",
+                 env=own_data_env(trained[1]))  # fmt: skip
+    assert proc.returncode == 0, output(proc)
+    assert "'batch_size': 2" in proc.stdout  # nnU-Net prints its plan: 1 per process x 2 ranks

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..base import Adapter, NativeSettings, WorkerContext, ddp_kwargs, debug_env, policy_notes
 from ..errors import ConfigError
-from ..policy import Backend, DDPPolicy
+from ..policy import Backend, DDPPolicy, MemoryPolicy
 
 
 def trainer_kwargs(policy: DDPPolicy) -> dict[str, Any]:
@@ -91,6 +91,18 @@ class FastNLPAdapter(Adapter):
     def framework_inits_process_group(self, backend: Backend) -> bool:
         return backend is Backend.nccl  # fastNLP's TorchDDPDriver calls init_process_group("nccl") itself
 
+    def memory_settings(self, memory: MemoryPolicy, framework_cfg: Any, *, backend: Backend,
+                        world_size: int) -> dict[str, Any]:  # fmt: skip
+        out: dict[str, Any] = {"DataLoader.batch_size": memory.batch_size or framework_cfg["batch_size"]}
+        if memory.num_workers is not None:
+            out["DataLoader.num_workers"] = memory.num_workers
+        if memory.pin_memory is not None:
+            out["DataLoader.pin_memory"] = memory.pin_memory
+        if memory.amp is not None:
+            out["Trainer.fp16"] = (memory.amp if backend is Backend.nccl or not memory.amp
+                                   else "unchanged: fastNLP's fp16 needs CUDA")  # fmt: skip
+        return out
+
     def validate(self, framework_cfg: Any) -> None:
         for key in ("n_epochs", "batch_size", "num_samples", "seq_len", "hidden"):
             if framework_cfg[key] < 1:
@@ -119,8 +131,15 @@ class FastNLPAdapter(Adapter):
         torch.manual_seed(fw["seed"])
         model = TextClassifier(fw["vocab_size"], fw["hidden"], aux_loss=fw["aux_loss"])
         data = SyntheticTokens(fw["num_samples"], fw["seq_len"], fw["vocab_size"], fw["seed"])
+        memory = self.memory_settings(ctx.memory, fw, backend=ctx.backend, world_size=ctx.world_size)
         # fastNLP swaps in a distributed sampler itself.
-        loader = DataLoader(data, batch_size=fw["batch_size"], shuffle=True, drop_last=True)
+        loader = DataLoader(data, batch_size=memory["DataLoader.batch_size"], shuffle=True, drop_last=True,
+                            num_workers=memory.get("DataLoader.num_workers", 0),
+                            pin_memory=memory.get("DataLoader.pin_memory", False))  # fmt: skip
+        if isinstance(memory.get("Trainer.fp16"), bool):
+            trainer_args_fp16 = {"fp16": memory["Trainer.fp16"]}
+        else:
+            trainer_args_fp16 = {}
         trainer_args = dict(ctx.native.settings["trainer_kwargs"])
         outside = "outside_ddp_kwargs" in ctx.native.settings
         model.to(ctx.device)
@@ -137,7 +156,8 @@ class FastNLPAdapter(Adapter):
             model = ctx.track_ddp(DistributedDataParallel(model, **ddp_args))
         optimizer = torch.optim.SGD(model.parameters(), lr=fw["lr"], momentum=0.9)
         trainer = Trainer(model=model, optimizers=optimizer, train_dataloader=loader, n_epochs=fw["n_epochs"],
-                          progress_bar=fw["progress_bar"], callbacks=[_FirstStep(ctx)], **trainer_args)  # fmt: skip
+                          progress_bar=fw["progress_bar"], callbacks=[_FirstStep(ctx)], **trainer_args,
+                          **trainer_args_fp16)  # fmt: skip
         if ctx.ddp_model is None:  # fastNLP wrapped it (nccl path)
             ctx.track_ddp(trainer.driver.model)
         # fastNLP's driver SIGKILLs every other rank when one raises, before they can say why; the launcher

@@ -22,10 +22,11 @@ from typing import Any, Dict, Optional
 
 from ..base import Adapter, NativeSettings, WorkerContext, ddp_kwargs, debug_env, policy_notes
 from ..errors import ConfigError, MissingDependency
-from ..policy import Backend, DDPPolicy
+from ..policy import Backend, DDPPolicy, MemoryPolicy
 
 DEMO_CONFIG = "mmdet::retinanet/retinanet_r18_fpn_1x_coco.py"
 WRAPPER = "MMDistributedDataParallel"
+AMP = "AmpOptimWrapper"
 
 
 @dataclass
@@ -82,6 +83,17 @@ class MMDetAdapter(Adapter):
             snippet=f"model_wrapper_cfg = dict({args})",
         )
 
+    def memory_settings(self, memory: MemoryPolicy, framework_cfg: Any, *, backend: Backend,
+                        world_size: int) -> dict[str, Any]:  # fmt: skip
+        out: dict[str, Any] = {}
+        for key in ("batch_size", "num_workers", "pin_memory"):
+            if getattr(memory, key) is not None:
+                out[f"train_dataloader.{key}"] = getattr(memory, key)
+        if memory.amp:
+            out["optim_wrapper.type"] = (AMP if backend is Backend.nccl
+                                         else "unchanged: mmengine's AmpOptimWrapper needs a GPU")  # fmt: skip
+        return out
+
     def validate(self, framework_cfg: Any) -> None:
         if importlib.util.find_spec("mmcv._ext") is None:
             raise MissingDependency(
@@ -121,7 +133,13 @@ class MMDetAdapter(Adapter):
             loader.batch_size = fw["batch_size"]
         if fw["num_workers"] is not None:
             loader.num_workers = fw["num_workers"]
-            loader.persistent_workers = fw["num_workers"] > 0 and loader.get("persistent_workers", False)
+        memory = self.memory_settings(ctx.memory, fw, backend=ctx.backend, world_size=ctx.world_size)
+        for key, value in memory.items():
+            if key.startswith("train_dataloader."):
+                loader[key.split(".", 1)[1]] = value
+        if memory.get("optim_wrapper.type") == AMP:
+            cfg.optim_wrapper.type = AMP
+        loader.persistent_workers = loader.get("num_workers", 0) > 0 and loader.get("persistent_workers", False)
         for line in ignored_settings(cfg, ctx.policy) + apply_policy(cfg, ctx.native, ctx.policy):
             ctx.log.warning(line)
         cfg.work_dir = fw["work_dir"] or str(ctx.run_dir / "work_dir")

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from ..base import Adapter, NativeSettings, WorkerContext, ddp_kwargs, debug_env, policy_notes
 from ..errors import ConfigError
-from ..policy import Backend, DDPPolicy
+from ..policy import Backend, DDPPolicy, MemoryPolicy
 
 SYNTHETIC = "Dataset001_Blobs"
 FOLDER_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
@@ -81,6 +81,19 @@ class NNUNetAdapter(Adapter):
             snippet=f"DDP(self.network, device_ids={device_ids}{args})  # inside nnUNetTrainer.initialize()",
         )  # fmt: skip
 
+    def memory_settings(self, memory: MemoryPolicy, framework_cfg: Any, *, backend: Backend,
+                        world_size: int) -> dict[str, Any]:  # fmt: skip
+        out: dict[str, Any] = {}
+        if memory.batch_size is not None:  # nnU-Net's plan holds the global batch, split over the ranks
+            out["plans batch_size (global)"] = memory.batch_size * world_size
+        if memory.num_workers is not None:
+            out["nnUNet_n_proc_DA"] = memory.num_workers
+        if memory.pin_memory is not None:
+            out["augmenter pin_memory"] = memory.pin_memory
+        if memory.amp is not None:
+            out["autocast"] = "unchanged: nnU-Net uses autocast on cuda and none on CPU"
+        return out
+
     def explain_framework(self, framework_cfg: Any) -> list[str]:
         fw = framework_cfg
         synthetic = fw.dataset is None
@@ -115,7 +128,11 @@ class NNUNetAdapter(Adapter):
     def run(self, ctx: WorkerContext) -> dict[str, Any]:
         import torch.distributed as dist
 
-        fw = ctx.cfg["framework"]
+        memory = self.memory_settings(ctx.memory, ctx.cfg["framework"], backend=ctx.backend, world_size=ctx.world_size)
+        fw = {**ctx.cfg["framework"]}  # memory.* wins over the framework's own keys where set
+        fw["num_workers"] = memory.get("nnUNet_n_proc_DA", fw["num_workers"])
+        fw["pin_memory"] = memory.get("augmenter pin_memory", fw["pin_memory"])
+        fw["batch_size"] = memory.get("plans batch_size (global)", fw["batch_size"])
         synthetic = fw["dataset"] is None
         root = ctx.run_dir / "nnunet"
         if synthetic:

@@ -14,7 +14,7 @@ from typing import Any, Dict
 
 from ..base import Adapter, NativeSettings, WorkerContext, ddp_kwargs, debug_env, policy_notes
 from ..errors import ConfigError
-from ..policy import Backend, DDPPolicy, UnusedParams
+from ..policy import Backend, DDPPolicy, MemoryPolicy, OnOOM, UnusedParams
 
 DEMO_MODEL = "adapters.demo.DeepSupervisionNet"
 DEMO_DATA = "adapters.demo.SyntheticBlobs"
@@ -70,6 +70,22 @@ class TorchAdapter(Adapter):
             snippet=f"torch.nn.parallel.DistributedDataParallel(model, device_ids={device_ids}{args})",
         )
 
+    def memory_settings(self, memory: MemoryPolicy, framework_cfg: Any, *, backend: Backend,
+                        world_size: int) -> dict[str, Any]:  # fmt: skip
+        def pick(key: str, default: Any) -> Any:
+            value = getattr(memory, key)
+            return default if value is None else value
+
+        amp = ("float16 + GradScaler" if backend is Backend.nccl else "bfloat16") if memory.amp else "off"
+        return {
+            "DataLoader.batch_size": pick("batch_size", framework_cfg["batch_size"]),
+            "DataLoader.num_workers": pick("num_workers", framework_cfg["num_workers"]),
+            "DataLoader.pin_memory": pick("pin_memory", backend is Backend.nccl),
+            "torch.autocast": amp,
+            "on out of memory": f"{memory.on_oom.name}" + (f" (down to batch size {memory.min_batch_size})"
+                                                           if memory.on_oom is OnOOM.halve else ""),
+        }  # fmt: skip
+
     def validate(self, framework_cfg: Any) -> None:
         for key in ("model", "data"):
             _check_target(f"framework.{key}", dict(framework_cfg[key]))
@@ -81,22 +97,28 @@ class TorchAdapter(Adapter):
         import torch
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
-        from torch.utils.data import DataLoader, DistributedSampler
+        from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+        from ..memory import OOMGuard, inject_test_oom
 
         fw = ctx.cfg["framework"]
         torch.manual_seed(fw["seed"])
         device = torch.device(ctx.device)
         model = build("framework.model", fw["model"], deep_supervision=fw["deep_supervision"]).to(device)
         dataset = build("framework.data", fw["data"])
-        per_step = fw["batch_size"] * ctx.world_size
-        if len(dataset) < per_step:
+        memory = self.memory_settings(ctx.memory, fw, backend=ctx.backend, world_size=ctx.world_size)
+        batch_size = memory["DataLoader.batch_size"]
+        if len(dataset) < batch_size * ctx.world_size:
             raise ConfigError(
                 f"framework.data has {len(dataset)} samples, fewer than one step needs "
-                f"(framework.batch_size={fw['batch_size']} x {ctx.world_size} processes)."
+                f"(batch size {batch_size} x {ctx.world_size} processes)."
             )
         sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=fw["seed"], drop_last=True)
-        loader = DataLoader(dataset, batch_size=fw["batch_size"], sampler=sampler, drop_last=True,
-                            num_workers=fw["num_workers"], pin_memory=device.type == "cuda")  # fmt: skip
+
+        def loader_over(indices: list[int], size: int) -> DataLoader:
+            return DataLoader(Subset(dataset, indices), batch_size=size, drop_last=True,
+                              num_workers=memory["DataLoader.num_workers"],
+                              pin_memory=memory["DataLoader.pin_memory"])  # fmt: skip
 
         def to_device(batch: dict) -> dict:
             return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -104,49 +126,73 @@ class TorchAdapter(Adapter):
         def probe_step(batch: dict) -> None:
             _loss(model(**to_device(batch))).backward()
 
-        decided = ctx.resolve_unused_params(model, cycle(loader), probe_step) or {}
+        decided = ctx.resolve_unused_params(model, cycle(loader_over(list(sampler), batch_size)), probe_step) or {}
         kwargs = {**ctx.native.settings["ddp_kwargs"], **decided}
-        ddp = ctx.track_ddp(DistributedDataParallel(model, device_ids=ctx.device_ids, **kwargs))
-        optimizer = torch.optim.SGD(ddp.parameters(), lr=fw["lr"], momentum=0.9)
+
+        def wrap() -> Any:
+            return ctx.track_ddp(DistributedDataParallel(model, device_ids=ctx.device_ids, **kwargs))
+
+        ddp = wrap()
+        optimizer = torch.optim.SGD(model.parameters(), lr=fw["lr"], momentum=0.9)
+        amp = memory["torch.autocast"] != "off"
+        scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
+        guard = OOMGuard(ctx, batch_size)
+        inject_test_oom(model, guard)
 
         steps, log_every = fw["steps"], fw["log_every"]
         ctx.log.info(
-            "training %s on %d process(es), %s: %d steps of %d samples per process",
+            "training %s on %d process(es), %s: %d steps of %d samples per process%s",
             type(model).__name__, ctx.world_size, ctx.device if ctx.world_size == 1 else ctx.backend.name,
-            steps, fw["batch_size"],
+            steps, batch_size, f", autocast {memory['torch.autocast']}" if amp else "",
         )  # fmt: skip
         step, epoch, loss_sum, window_start = 0, 0, torch.zeros((), device=device), time.perf_counter()
         started = window_start
         last_loss = float("nan")
         while step < steps:
             sampler.set_epoch(epoch)
-            for batch in loader:
-                loss = _loss(ddp(**to_device(batch)))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if step == 0:
-                    ctx.first_step_done()
-                optimizer.step()
-                step += 1
-                loss_sum += loss.detach()
-                if step % log_every == 0 or step == steps:
-                    n = log_every if step % log_every == 0 else step % log_every
-                    dist.all_reduce(loss_sum)  # every rank takes part; only rank 0 prints
-                    last_loss = loss_sum.item() / (n * ctx.world_size)
-                    now = time.perf_counter()
-                    rate = n / (now - window_start)
-                    ctx.log.info(
-                        "step %d/%d | loss %.4f | %.1f steps/s | %.0f samples/s",
-                        step, steps, last_loss, rate, rate * per_step,
-                    )  # fmt: skip
-                    loss_sum.zero_()
-                    window_start = now
-                if step >= steps:
-                    break
+            indices, position = list(sampler), 0
+            while step < steps and position + guard.batch_size <= len(indices):
+                for batch in loader_over(indices[position:], guard.batch_size):
+                    with torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16,
+                                        enabled=amp):  # fmt: skip
+                        loss = guard.forward(lambda b=batch, wrapped=ddp: _loss(wrapped(**to_device(b))))
+                    if loss is None:  # every rank dropped this step; go on from the same samples, smaller
+                        ddp = guard.halve(wrap)
+                        break
+                    optimizer.zero_grad(set_to_none=True)
+                    (scaler.scale(loss) if scaler else loss).backward()
+                    if step == 0:
+                        ctx.first_step_done()
+                    if scaler:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    step += 1
+                    position += guard.batch_size
+                    loss_sum += loss.detach().float()
+                    if step % log_every == 0 or step == steps:
+                        n = log_every if step % log_every == 0 else step % log_every
+                        dist.all_reduce(loss_sum)  # every rank takes part; only rank 0 prints
+                        last_loss = loss_sum.item() / (n * ctx.world_size)
+                        now = time.perf_counter()
+                        rate = n / (now - window_start)
+                        ctx.log.info(
+                            "step %d/%d | loss %.4f | %.1f steps/s | %.0f samples/s",
+                            step, steps, last_loss, rate, rate * guard.batch_size * ctx.world_size,
+                        )  # fmt: skip
+                        loss_sum.zero_()
+                        window_start = now
+                    if step >= steps:
+                        break
+                else:
+                    break  # the epoch's samples are used up
             epoch += 1
         seconds = time.perf_counter() - started
         summary = {"steps": step, "loss": round(last_loss, 4), "seconds": round(seconds, 2),
                    "steps_per_s": round(step / seconds, 2)}  # fmt: skip
+        if guard.tried:
+            summary["batch_size"] = guard.batch_size
         if fw["save"] and ctx.is_main:
             path = ctx.run_dir / "model.pt"
             torch.save(ddp.module.state_dict(), path)
