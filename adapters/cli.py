@@ -78,9 +78,11 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     flags = [a for a in argv if a.startswith("-")]
     if not flags:  # --help, --cfg, --multirun ...: Hydra handles them; the task still validates
         try:
-            validate(compose(argv))
+            checked = validate(compose(argv))
         except AdapterError as exc:
             return _fail(exc)
+        if checked.launcher.name.name == "torchrun" and not torchrun_env():
+            return _hand_to_torchrun(checked.launcher, argv)
     register_configs()
     if torchrun_env():
         # Every rank runs this app; the run folder is shared (see config.run_start) and only rank 0
@@ -103,6 +105,20 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _hand_to_torchrun(launcher: Any, argv: list[str]) -> int:
+    """launcher=torchrun: this machine's torchrun agent starts the workers, each running this app as one rank."""
+    import subprocess
+
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nnodes={launcher.nnodes}",
+        f"--node_rank={launcher.node_rank}", f"--nproc_per_node={launcher.nproc}",
+        f"--rdzv_backend={launcher.rdzv_backend}", f"--rdzv_endpoint={launcher.rdzv_endpoint}",
+        f"--rdzv_id={launcher.rdzv_id}", f"--max_restarts={launcher.max_restarts}", "-m", "adapters.cli", *argv,
+    ]  # fmt: skip
+    print(f"handing the run to torchrun: {' '.join(cmd[1:])}", flush=True)
+    return subprocess.call(cmd)
 
 
 # --- python -m adapters -----------------------------------------------------------------------------
@@ -138,7 +154,7 @@ def explain(overrides: Sequence[str], as_json: bool = False) -> str:
         "policy (ddp):",
         _indent(OmegaConf.to_yaml(OmegaConf.create(ddp)).rstrip()),
         "",
-        f"launcher: {checked.launcher.name}, {checked.launcher.nproc} process(es), backend "
+        f"launcher: {checked.launcher.name.name}, {checked.launcher.nproc} process(es), backend "
         f"{backend.name}{' (auto)' if checked.launcher.backend.name == 'auto' else ''}",
         "",
         f"native settings for {entry.title}:",
@@ -205,3 +221,7 @@ def module_main(argv: Sequence[str] | None = None) -> int:
     except AdapterError as exc:
         return _fail(exc)
     return 0
+
+
+if __name__ == "__main__":  # what launcher=torchrun runs in each worker (python -m adapters.cli <overrides>)
+    sys.exit(train_main())

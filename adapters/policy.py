@@ -36,6 +36,13 @@ class DebugLevel(enum.Enum):
     detail = "detail"  # adds collective checks; crashes in DDP's constructor on gloo, so gloo runs get info
 
 
+class LauncherName(enum.Enum):
+    """Who starts the worker processes."""
+
+    local = "local"  # train.py spawns them on this machine
+    torchrun = "torchrun"  # torchrun's agent, one per node (multi-node, restarts)
+
+
 class Backend(enum.Enum):
     """torch.distributed backend."""
 
@@ -85,10 +92,12 @@ class DDPPolicy:
 
 @dataclass
 class LauncherConfig:
-    """The ``launcher`` node: how worker processes are started on this machine."""
+    """The ``launcher`` node: how the worker processes are started."""
 
-    # local: this process spawns the workers. Under torchrun the world comes from its environment instead.
-    name: str = "local"
+    # local: this process spawns nproc workers and watches them. torchrun: this process hands the run to
+    # torchrun (one agent per node: rendezvous, restarts). Either way, a process started by torchrun runs
+    # as one rank, taking the world from torchrun's environment.
+    name: LauncherName = LauncherName.local
     # Worker processes on this machine (one GPU each when the backend is nccl).
     nproc: int = 2
     backend: Backend = Backend.auto
@@ -97,6 +106,15 @@ class LauncherConfig:
     master_port: int = 0
     # After one rank fails, how long the others get to report their own error before they are stopped.
     grace_s: float = 3.0
+    # torchrun only: machines taking part, this machine's index, and where the agents meet.
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_backend: str = "c10d"
+    rdzv_endpoint: str = "127.0.0.1:29400"
+    # The same on every node of one run (and across restarts): names the rendezvous.
+    rdzv_id: str = "adapters"
+    # torchrun restarts all workers this many times after one fails; training resumes from the last checkpoint.
+    max_restarts: int = 0
 
 
 class OnOOM(enum.Enum):
