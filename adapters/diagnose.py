@@ -19,6 +19,7 @@ REDUCTION_MARKER = "Expected to have finished reduction in the prior iteration"
 GRAPH_CHANGED_MARKER = "training graph has changed in this iteration"
 READY_TWICE_MARKERS = ("marked as ready twice", "Expected to mark a variable ready only once")
 WORKERS_DIED_MARKERS = ("background workers are no longer alive", "DataLoader worker (pid")
+TIMEOUT_MARKERS = ("Timed out waiting", "timed out after", "Timeout waiting", "operation timed out")
 OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "out of memory")
 # A rank whose peer died sees one of these: a consequence of the failure, not its cause.
 PEER_LOST_MARKERS = (
@@ -33,7 +34,7 @@ class Diagnosis:
     """One rank's explanation of a failure, small enough to send between processes."""
 
     rank: int
-    kind: str  # unused_parameters | graph_changed | ready_twice | workers_died | oom | peer_lost | error
+    kind: str  # unused_parameters | graph_changed | ready_twice | workers_died | oom | timeout | peer_lost | error
     summary: str  # one line
     original: str  # the exception as torch (or the framework) raised it
     unused: list[str] = field(default_factory=list)  # exact parameter names, DDP's order
@@ -120,6 +121,9 @@ def diagnose(exc: BaseException, rank: int, ddp_model: Any = None, tb: str = "")
         return Diagnosis(rank, "workers_died", "its background data-loading workers died", original, traceback=tb)
     if any(marker in text for marker in OOM_MARKERS):
         return Diagnosis(rank, "oom", "it ran out of memory", original, traceback=tb)
+    if any(marker in text for marker in TIMEOUT_MARKERS):
+        return Diagnosis(rank, "timeout", "a collective waited longer than ddp.timeout_s for the other ranks",
+                         original, traceback=tb)  # fmt: skip
     if any(marker in text for marker in PEER_LOST_MARKERS):
         return Diagnosis(rank, "peer_lost", "lost its connection to a rank that stopped", original, traceback=tb)
     return Diagnosis(rank, "error", original.splitlines()[0] if original else type(exc).__name__, original,
@@ -187,7 +191,9 @@ def format_failure(diagnoses: list[Diagnosis], *, context: str = "") -> str:
     by_kind: dict[str, list[Diagnosis]] = defaultdict(list)
     for d in sorted(diagnoses, key=lambda d: d.rank):
         by_kind[d.kind].append(d)
-    consequences = by_kind.pop("peer_lost", []) if len(by_kind) > 1 else []
+    consequences = []
+    if len(by_kind) > 1:
+        consequences = by_kind.pop("peer_lost", []) + by_kind.pop("timeout", [])
     for kind, group in by_kind.items():
         if kind in ("unused_parameters", "graph_changed"):
             lines.append(f"DDP stopped on {_ranks(d.rank for d in group)}: {group[0].summary}.")
@@ -212,6 +218,11 @@ def format_failure(diagnoses: list[Diagnosis], *, context: str = "") -> str:
             lines.append(_FIXES[kind])
             if context:
                 lines.append(context)
+        elif kind == "timeout":
+            lines.append(
+                f"{_ranks(d.rank for d in group).capitalize()} gave up after waiting ddp.timeout_s for the "
+                "other ranks in a collective: another rank is stuck or gone, and did not say why."
+            )
         elif kind == "peer_lost":
             lines.append(
                 f"{_ranks(d.rank for d in group).capitalize()} lost the connection to another rank, "

@@ -181,5 +181,42 @@ def _run_in_place(checked: Checked, cfg: dict[str, Any], run_dir: Path, probe_on
                       probe_only=probe_only)  # fmt: skip
     outcome = run_worker(spec)
     if not outcome.ok:
-        raise RunFailed(f"{format_failure([outcome.diagnosis])}\nLogs: {run_dir}/rank{rank}.log")
+        diagnoses = _share_failures(outcome.diagnosis, world_size)
+        raise RunFailed(f"{format_failure(diagnoses)}\nLogs: {run_dir}/rank<N>.log")
     return outcome.summary
+
+
+def _share_failures(mine: Diagnosis, world_size: int, wait_s: float = 3.0) -> list[Diagnosis]:
+    """Under torchrun, ranks may be on other machines: each failed rank writes its diagnosis into torchrun's
+    store, and reads the others', so that a rank that only lost its peers (or timed out waiting for them)
+    names the rank that really failed and its error."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return [mine]
+    import json
+    from dataclasses import asdict
+    from datetime import timedelta
+
+    from torch.distributed import PrefixStore, TCPStore
+
+    try:
+        store = PrefixStore(
+            f"adapters/failures/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
+            TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                     timeout=timedelta(seconds=wait_s)),
+        )  # fmt: skip
+        if mine.kind not in ("peer_lost", "timeout"):
+            store.set(f"rank{mine.rank}", json.dumps(asdict(mine)))
+            return [mine]
+        found = [mine]
+        deadline = time.monotonic() + wait_s
+        for other in range(world_size):
+            if other == mine.rank:
+                continue
+            while time.monotonic() < deadline:
+                if store.check([f"rank{other}"]):
+                    found.append(Diagnosis(**json.loads(store.get(f"rank{other}"))))
+                    break
+                time.sleep(0.1)
+        return found
+    except Exception:  # the store may be gone with the failed machine; say what this rank knows
+        return [mine]

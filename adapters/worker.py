@@ -104,7 +104,8 @@ def run_worker(spec: WorkerSpec) -> Outcome:
 
             kwargs["timeout"] = timedelta(seconds=policy.timeout_s)
         if not adapter.framework_inits_process_group(backend):
-            dist.init_process_group(backend.name, rank=spec.rank, world_size=spec.world_size, **kwargs)
+            dist.init_process_group(backend.name, rank=spec.rank, world_size=spec.world_size,
+                                    **kwargs, **_restart_safe_store())  # fmt: skip
         log.info(
             "rank %d/%d on %s, backend %s, TORCH_DISTRIBUTED_DEBUG=%s (torch.distributed reads: %s)",
             spec.rank, spec.world_size, device, backend.name, os.environ.get("TORCH_DISTRIBUTED_DEBUG", "unset"),
@@ -138,6 +139,24 @@ def run_worker(spec: WorkerSpec) -> Outcome:
         outcome = Outcome(spec.rank, False, diagnosis=diagnose(exc, spec.rank, ctx and ctx.ddp_model, tb))
     _teardown(ctx, outcome.ok)
     return outcome
+
+
+def _restart_safe_store() -> dict[str, Any]:
+    """Under torchrun, a store whose keys are this attempt's own.
+
+    torchrun (torch 2.13, c10d rendezvous) hands restarted workers the same agent store, where the previous
+    attempt's gloo addresses are still written: the new group then connects to the dead workers' ports and
+    fails ("connectFullMesh ... Connection refused"). Prefixing the keys with the restart count avoids it.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=300))  # fmt: skip
+    return {"store": dist.PrefixStore(f"adapters/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)}
 
 
 def _short_traceback(exc: BaseException) -> str:

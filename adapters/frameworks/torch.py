@@ -44,6 +44,9 @@ class TorchConfig:
     data: Dict[str, Any] = field(default_factory=lambda: {"_target_": DEMO_DATA})
     # Save the trained weights (unwrapped state_dict) to <run folder>/model.pt from rank 0.
     save: bool = True
+    # Write <run folder>/checkpoints/last.pt (model, optimizer, step, data position, every rank's RNG) every
+    # this many steps; a run restarted in the same folder (torchrun's max_restarts) resumes from it. 0: never.
+    checkpoint_every: int = 10
 
 
 _COST = {
@@ -89,6 +92,10 @@ class TorchAdapter(Adapter):
     def validate(self, framework_cfg: Any) -> None:
         for key in ("model", "data"):
             _check_target(f"framework.{key}", dict(framework_cfg[key]))
+        if framework_cfg["checkpoint_every"] < 0:
+            raise ConfigError(
+                f"framework.checkpoint_every={framework_cfg['checkpoint_every']} must be 0 (never) or more."
+            )
         for key in ("steps", "batch_size", "log_every"):
             if framework_cfg[key] < 1:
                 raise ConfigError(f"framework.{key}={framework_cfg[key]} must be at least 1.")
@@ -99,7 +106,8 @@ class TorchAdapter(Adapter):
         from torch.nn.parallel import DistributedDataParallel
         from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-        from ..memory import OOMGuard, inject_test_oom
+        from .. import checkpoint
+        from ..memory import OOMGuard, die_for_test, inject_test_oom
 
         fw = ctx.cfg["framework"]
         torch.manual_seed(fw["seed"])
@@ -116,9 +124,11 @@ class TorchAdapter(Adapter):
         sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=fw["seed"], drop_last=True)
 
         def loader_over(indices: list[int], size: int) -> DataLoader:
+            # A generator of its own: the loader never draws from the global RNG, which checkpoints restore.
             return DataLoader(Subset(dataset, indices), batch_size=size, drop_last=True,
                               num_workers=memory["DataLoader.num_workers"],
-                              pin_memory=memory["DataLoader.pin_memory"])  # fmt: skip
+                              pin_memory=memory["DataLoader.pin_memory"],
+                              generator=torch.Generator().manual_seed(fw["seed"]))  # fmt: skip
 
         def to_device(batch: dict) -> dict:
             return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -145,12 +155,33 @@ class TorchAdapter(Adapter):
             type(model).__name__, ctx.world_size, ctx.device if ctx.world_size == 1 else ctx.backend.name,
             steps, batch_size, f", autocast {memory['torch.autocast']}" if amp else "",
         )  # fmt: skip
-        step, epoch, loss_sum, window_start = 0, 0, torch.zeros((), device=device), time.perf_counter()
+        step, epoch, position = 0, 0, 0
+        checkpoint_path = ctx.run_dir / "checkpoints" / "last.pt"
+        resumed = checkpoint.load(checkpoint_path)
+        if resumed is not None:
+            model.load_state_dict(resumed["model"])
+            optimizer.load_state_dict(resumed["optimizer"])
+            if scaler and resumed.get("scaler"):
+                scaler.load_state_dict(resumed["scaler"])
+            step, epoch, position, guard.batch_size = (resumed[k] for k in ("step", "epoch", "position", "batch_size"))
+            checkpoint.restore_rng(resumed["rng"][ctx.rank])
+            ctx.log.info("resuming from step %d (%s)", step, checkpoint_path)
+
+        def save_checkpoint() -> None:
+            rng = checkpoint.all_rng_states()  # every rank takes part
+            if ctx.is_main:
+                checkpoint.save_atomic({
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler else None, "step": step, "epoch": epoch,
+                    "position": position, "batch_size": guard.batch_size, "rng": rng,
+                }, checkpoint_path)  # fmt: skip
+
+        loss_sum, window_start = torch.zeros((), device=device), time.perf_counter()
         started = window_start
         last_loss = float("nan")
         while step < steps:
             sampler.set_epoch(epoch)
-            indices, position = list(sampler), 0
+            indices = list(sampler)
             while step < steps and position + guard.batch_size <= len(indices):
                 for batch in loader_over(indices[position:], guard.batch_size):
                     with torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16,
@@ -171,6 +202,9 @@ class TorchAdapter(Adapter):
                     step += 1
                     position += guard.batch_size
                     loss_sum += loss.detach().float()
+                    die_for_test(step, ctx.rank)
+                    if fw["checkpoint_every"] and step % fw["checkpoint_every"] == 0 and step < steps:
+                        save_checkpoint()
                     if step % log_every == 0 or step == steps:
                         n = log_every if step % log_every == 0 else step % log_every
                         dist.all_reduce(loss_sum)  # every rank takes part; only rank 0 prints
@@ -187,7 +221,7 @@ class TorchAdapter(Adapter):
                         break
                 else:
                     break  # the epoch's samples are used up
-            epoch += 1
+            epoch, position = epoch + 1, 0
         seconds = time.perf_counter() - started
         summary = {"steps": step, "loss": round(last_loss, 4), "seconds": round(seconds, 2),
                    "steps_per_s": round(step / seconds, 2)}  # fmt: skip
