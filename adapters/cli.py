@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
+from . import config as _config  # noqa: F401 - registers the run-folder resolver for unpickled jobs
 from .errors import AdapterError
 
 log = logging.getLogger("adapters")
@@ -55,6 +56,7 @@ def _task(cfg: Any) -> None:
     from .launch import launch
     from .presets import check_trust, config_sources
 
+    _adopt_submitit_world()
     try:
         runtime = HydraConfig.get()
         choices = {k: v for k, v in runtime.runtime.choices.items() if "hydra/" not in k}
@@ -66,6 +68,28 @@ def _task(cfg: Any) -> None:
         sys.exit(_fail(exc))
     if summary:
         log.info("finished: %s", ", ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+def _adopt_submitit_world() -> None:
+    """In a job started by Hydra's submitit launcher with several tasks, each task is one rank.
+
+    srun starts tasks_per_node tasks on each node; this sets the torch.distributed environment from
+    submitit's view of the job (rank 0's host as the rendezvous, a port derived from the job id), so the
+    task then runs in place like a torchrun worker. A job of one task spawns launcher.nproc workers itself.
+    """
+    if "SUBMITIT_EXECUTOR" not in os.environ or "WORLD_SIZE" in os.environ:
+        return
+    import submitit
+
+    env = submitit.JobEnvironment()
+    if env.num_tasks < 2:
+        return
+    digits = "".join(ch for ch in str(env.job_id) if ch.isdigit()) or "0"
+    os.environ.update(
+        RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.num_tasks),
+        LOCAL_WORLD_SIZE=str(env.num_tasks // max(env.num_nodes, 1)), MASTER_ADDR=env.hostnames[0],
+        MASTER_PORT=str(20000 + int(digits) % 20000),
+    )  # fmt: skip
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
@@ -84,6 +108,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         if checked.launcher.name.name == "torchrun" and not torchrun_env():
             return _hand_to_torchrun(checked.launcher, argv)
     register_configs()
+    if not torchrun_env():  # jobs started from here (submitit's) put their folders under the same start time
+        from .config import run_start
+
+        os.environ.setdefault("ADAPTERS_RUN_START", repr(run_start()))
     if torchrun_env():
         # Every rank runs this app; the run folder is shared (see config.run_start) and only rank 0
         # writes .hydra/. Logging is set up per rank by the worker.

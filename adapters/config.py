@@ -62,7 +62,6 @@ def register_configs() -> None:
     cs.store(name="adapters_schema", node=RunConfig)
     for name in registry.FRAMEWORKS:
         cs.store(group="schema/framework", name=name, node=registry.load_adapter(name).schema)
-    OmegaConf.register_new_resolver(START_RESOLVER, _format_start, replace=True)
     _registered = True
 
 
@@ -80,12 +79,19 @@ def run_start() -> float:
     """
     global _start
     if _start is None:
-        _start = _shared_time() if torchrun_env() else time.time()
+        if "ADAPTERS_RUN_START" in os.environ:  # set by the launching process for its jobs (submitit)
+            _start = float(os.environ["ADAPTERS_RUN_START"])
+        else:
+            _start = _shared_time() if torchrun_env() else time.time()
     return _start
 
 
 def _format_start(pattern: str) -> str:
     return time.strftime(pattern, time.localtime(run_start()))
+
+
+# At import: processes that unpickle a Hydra job (submitit's) resolve hydra.sweep.dir before anything else.
+OmegaConf.register_new_resolver(START_RESOLVER, _format_start, replace=True)
 
 
 def torchrun_env() -> bool:

@@ -175,8 +175,9 @@ def _run_in_place(checked: Checked, cfg: dict[str, Any], run_dir: Path, probe_on
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     backend = resolve_backend(checked.launcher.backend, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if rank == 0:
-        log.info("running under torchrun: %d rank(s), backend %s, run folder %s (launcher.nproc is not used)",
-                 world_size, backend.name, run_dir)  # fmt: skip
+        starter = "submitit" if "SUBMITIT_EXECUTOR" in os.environ else "torchrun"
+        log.info("running under %s: %d rank(s), backend %s, run folder %s (launcher.nproc is not used)",
+                 starter, world_size, backend.name, run_dir)  # fmt: skip
     spec = WorkerSpec(rank, local_rank, world_size, checked.framework, cfg, str(run_dir), backend.name,
                       probe_only=probe_only)  # fmt: skip
     outcome = run_worker(spec)
