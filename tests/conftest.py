@@ -49,3 +49,21 @@ def requires(framework: str):
     missing = [m for m in registry.entry(framework).requires if importlib.util.find_spec(m) is None]
     required = framework in os.environ.get("ADAPTERS_REQUIRE", "").split(",")
     return pytest.mark.skipif(bool(missing) and not required, reason=f"{framework} not installed: {missing}")
+
+
+def _parents() -> dict[int, int]:
+    """pid -> parent pid, for every process (Linux /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return parents
+
+
+def grandchildren(pid: int) -> list[int]:
+    """train.py's children are the ranks (and multiprocessing's resource tracker); theirs, the augmenters."""
+    parents = _parents()
+    children = [p for p, parent in parents.items() if parent == pid]
+    return [p for p, parent in parents.items() if parent in children]

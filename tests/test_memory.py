@@ -15,7 +15,7 @@ from adapters.config import compose, validate
 from adapters.errors import ConfigError
 from adapters.policy import Backend
 
-from conftest import ENV, TRAIN, output, train
+from conftest import ENV, TRAIN, grandchildren, output, train
 
 SHORT = ["framework.steps=6", "framework.log_every=2"]
 
@@ -88,29 +88,16 @@ def test_fail_stops_at_once_naming_what_to_lower(workdir):
     assert "memory.batch_size" in proc.stderr and "memory.on_oom=halve" in proc.stderr
 
 
-def _grandchildren(pid: int) -> list[int]:
-    parents = {}
-    for stat in os.scandir("/proc"):
-        if stat.name.isdigit():
-            try:
-                with open(f"/proc/{stat.name}/stat") as f:
-                    parents[int(stat.name)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    children = [p for p, parent in parents.items() if parent == pid]
-    return [p for p, parent in parents.items() if parent in children]
-
-
 @pytest.mark.slow
 def test_a_killed_data_loader_worker_is_explained(workdir):
     cmd = [sys.executable, str(TRAIN), "memory.num_workers=1", "framework.steps=100000", "ddp=strict"]
     proc = subprocess.Popen(cmd, cwd=workdir, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed, deadline = [], time.monotonic() + 120
     while not killed and time.monotonic() < deadline and proc.poll() is None:
-        workers = _grandchildren(proc.pid)
+        workers = grandchildren(proc.pid)
         if len(workers) >= 2:  # each rank's loader worker is up
             time.sleep(1)
-            for pid in _grandchildren(proc.pid)[:1]:
+            for pid in grandchildren(proc.pid)[:1]:
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
         time.sleep(0.2)

@@ -15,7 +15,7 @@ import pytest
 from adapters.policy import Backend
 
 from adapter_contract import AdapterContract
-from conftest import ENV, TRAIN, output, requires, run_dirs, train
+from conftest import ENV, TRAIN, grandchildren, output, requires, run_dirs, train
 
 nnunet = requires("nnunet")
 SEG_LAYERS = [
@@ -100,24 +100,6 @@ def test_static_trains_on_your_own_preprocessed_dataset_by_id(trained, workdir):
     assert not (run_dir / "nnunet" / "nnUNet_preprocessed").exists(), "their dataset was used"
 
 
-def _parents() -> dict[int, int]:
-    """pid -> parent pid, for every process (Linux /proc)."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    return parents
-
-
-def _grandchildren(pid: int) -> list[int]:
-    """train.py's children are the ranks (and multiprocessing's resource tracker); theirs, the augmenters."""
-    parents = _parents()
-    children = [p for p, parent in parents.items() if parent == pid]
-    return [p for p, parent in parents.items() if parent in children]
-
-
 @nnunet
 @pytest.mark.slow
 def test_dead_augmentation_workers_are_explained(trained, workdir):
@@ -128,10 +110,10 @@ def test_dead_augmentation_workers_are_explained(trained, workdir):
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed, deadline = [], time.monotonic() + 240
     while not killed and time.monotonic() < deadline and proc.poll() is None:
-        workers = _grandchildren(proc.pid)
+        workers = grandchildren(proc.pid)
         if len(workers) >= 2:  # the augmenters have started
             time.sleep(1)
-            for pid in _grandchildren(proc.pid):
+            for pid in grandchildren(proc.pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)

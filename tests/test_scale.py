@@ -4,7 +4,6 @@ restarts that resume from a checkpoint with equal final weights, and a failed ra
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from adapters import launch
 from adapters.config import conf_dir
 
 from conftest import ENV, TRAIN, output, run_dirs, train
@@ -21,9 +21,7 @@ PRESETS = sorted(p.stem for p in (conf_dir() / "ddp").glob("*.yaml"))
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return launch.free_port("127.0.0.1")
 
 
 def two_nodes(workdir: Path, *overrides: str, env: dict | None = None, timeout: float = 240):
