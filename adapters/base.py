@@ -144,6 +144,7 @@ class WorkerContext:
         ``can_ignore=False`` where the framework wraps a different module than ``module``: ignore then
         becomes static_graph=True, which also suits parameters unused in every step.
         """
+        from .diagnose import group_by_module
         from .probe import match_ignore, run_probe, set_ignored
 
         choice = self.policy.unused_params
@@ -184,7 +185,7 @@ class WorkerContext:
                           "handled with static_graph=True", len(names))  # fmt: skip
             return {"static_graph": True}
         set_ignored(module, names)
-        for module_name, leaves in _group(names).items():
+        for module_name, leaves in group_by_module(names).items():
             self.log.info("DDP leaves out %s: %s", module_name, ", ".join(leaves))
         return {}
 
@@ -223,13 +224,6 @@ class WorkerContext:
         self.ddp_model = model
         self.log.info("DDP as built: %s", ", ".join(f"{k}={v}" for k, v in describe_ddp(model).items()))
         return model
-
-
-def _group(names: list[str]) -> dict[str, list[str]]:
-    groups: dict[str, list[str]] = {}
-    for name in names:
-        groups.setdefault(name.rpartition(".")[0] or "(root module)", []).append(name)
-    return groups
 
 
 class Adapter(abc.ABC):

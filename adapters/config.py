@@ -99,21 +99,30 @@ def torchrun_env() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
-def _shared_time() -> float:
+def agent_store(prefix: str, timeout_s: float) -> Any:
+    """A client of torchrun's agent store under ``prefix`` (None when not started by torchrun's agent).
+
+    The store outlives the workers (and their restarts), and every node reaches it.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
     from datetime import timedelta
 
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return time.time()  # the old launcher has no store before init_process_group
-    from torch.distributed import TCPStore
+    from torch.distributed import PrefixStore, TCPStore
 
-    store = TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(seconds=120)
-    )
-    key = f"adapters/start/{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
+    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                     timeout=timedelta(seconds=timeout_s))  # fmt: skip
+    return PrefixStore(prefix, store)
+
+
+def _shared_time() -> float:
+    store = agent_store(f"adapters/start/{os.environ.get('TORCHELASTIC_RUN_ID', '')}", timeout_s=120)
+    if store is None:
+        return time.time()  # the old launcher has no store before init_process_group
     if os.environ.get("RANK", "0") == "0":
-        value = store.compare_set(key, "", repr(time.time()))
+        value = store.compare_set("time", "", repr(time.time()))
     else:
-        value = store.get(key)
+        value = store.get("time")
     return float(value)
 
 

@@ -130,11 +130,11 @@ def diagnose(exc: BaseException, rank: int, ddp_model: Any = None, tb: str = "")
                      traceback=tb)  # fmt: skip
 
 
-def _group_by_module(names: Iterable[str]) -> dict[str, list[str]]:
+def group_by_module(names: Iterable[str]) -> dict[str, list[str]]:
+    """Parameter names grouped by the module that owns them, in first-seen order."""
     groups: dict[str, list[str]] = defaultdict(list)
     for name in names:
-        module, _, leaf = name.rpartition(".")
-        groups[module or "(root module)"].append(leaf)
+        groups[name.rpartition(".")[0] or "(root module)"].append(name)
     return groups
 
 
@@ -204,8 +204,7 @@ def format_failure(diagnoses: list[Diagnosis], *, context: str = "") -> str:
             if where:
                 lines.append("Parameters that got no gradient, by module:")
                 ordered = list(dict.fromkeys(n for d in group for n in d.unused))
-                for module, leaves in _group_by_module(ordered).items():
-                    full = [f"{module}.{leaf}" if module != "(root module)" else leaf for leaf in leaves]
+                for module, full in group_by_module(ordered).items():
                     rank_sets = {frozenset(where[n]) for n in full}
                     on = _ranks(next(iter(rank_sets))) if len(rank_sets) == 1 else "some ranks"
                     lines.append(f"  {module} ({on}): {', '.join(full)}")

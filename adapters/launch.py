@@ -23,7 +23,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from .config import Checked, resolve_backend, torchrun_env
+from .config import Checked, agent_store, resolve_backend, torchrun_env
 from .diagnose import Diagnosis, format_failure
 from .errors import RunFailed
 from .worker import Outcome, WorkerSpec, run_worker
@@ -191,20 +191,14 @@ def _share_failures(mine: Diagnosis, world_size: int, wait_s: float = 3.0) -> li
     """Under torchrun, ranks may be on other machines: each failed rank writes its diagnosis into torchrun's
     store, and reads the others', so that a rank that only lost its peers (or timed out waiting for them)
     names the rank that really failed and its error."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return [mine]
     import json
     from dataclasses import asdict
-    from datetime import timedelta
-
-    from torch.distributed import PrefixStore, TCPStore
 
     try:
-        store = PrefixStore(
-            f"adapters/failures/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
-            TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                     timeout=timedelta(seconds=wait_s)),
-        )  # fmt: skip
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = agent_store(f"adapters/failures/attempt_{attempt}", timeout_s=wait_s)
+        if store is None:
+            return [mine]
         if mine.kind not in ("peer_lost", "timeout"):
             store.set(f"rank{mine.rank}", json.dumps(asdict(mine)))
             return [mine]

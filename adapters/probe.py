@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from .diagnose import parameter_aliases, reducer_parameter_names
+from .diagnose import group_by_module, parameter_aliases, reducer_parameter_names
 from .errors import ConfigError
 from .policy import UnusedParams
 
@@ -85,7 +84,7 @@ class ProbeResult:
             if not names:
                 continue
             lines.append(f"{title} ({len(names)}; {note}):")
-            for module, leaves in _by_module(names).items():
+            for module, leaves in group_by_module(names).items():
                 ranks = sorted({r for leaf in leaves for r in self.ranks_unused(leaf)})
                 on = "rank " if len(ranks) == 1 else "ranks "
                 lines.append(f"  {module} ({on}{', '.join(map(str, ranks))}): {', '.join(leaves)}")
@@ -95,13 +94,6 @@ class ProbeResult:
     def summary_line(self) -> str:
         choice, reason = self.decision()
         return f"ddp=auto chose {choice.name}: {reason} (probe: {self.steps} steps in {self.seconds:.2f} s)"
-
-
-def _by_module(names: Iterable[str]) -> dict[str, list[str]]:
-    groups: dict[str, list[str]] = defaultdict(list)
-    for name in names:
-        groups[name.rpartition(".")[0] or "(root module)"].append(name)
-    return groups
 
 
 def run_probe(

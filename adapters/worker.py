@@ -148,15 +148,10 @@ def _restart_safe_store() -> dict[str, Any]:
     attempt's gloo addresses are still written: the new group then connects to the dead workers' ports and
     fails ("connectFullMesh ... Connection refused"). Prefixing the keys with the restart count avoids it.
     """
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return {}
-    from datetime import timedelta
+    from .config import agent_store
 
-    import torch.distributed as dist
-
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=timedelta(seconds=300))  # fmt: skip
-    return {"store": dist.PrefixStore(f"adapters/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)}
+    store = agent_store(f"adapters/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", timeout_s=300)
+    return {} if store is None else {"store": store}
 
 
 def _short_traceback(exc: BaseException) -> str:
