@@ -122,8 +122,17 @@ class WorkerContext:
     # `python -m adapters doctor`: stop every rank with ProbeDone once the probe has run.
     probe_only: bool = False
     probe_result: Any = None
+    # Parameters this run left out of DDP (reducer names), and why: the guard watches them.
+    left_out: list[str] = field(default_factory=list)
+    left_out_why: str = ""
+    left_out_advice: str = ""
+    steps: Any = None  # guard.StepCounter on the current DDP wrapper
+    guard: Any = None  # guard.IgnoredGradGuard, when parameters are left out
+    _flag_group: Any = None
+    _checking_first_step: bool = False
     _first_step_seen: bool = False
     _unused_bytes: list[int] = field(default_factory=list)
+    _every_steps_hook: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -152,14 +161,23 @@ class WorkerContext:
         if not (needs_probe or self.probe_only or choice is UnusedParams.ignore):
             return None
         result = None
+        own = getattr(module, "_ddp_params_and_buffers_to_ignore", ())  # the model's own list stays as it is
         if needs_probe or self.probe_only:
-            result = run_probe(module, batches, step, self.policy.probe_steps)
+            result = run_probe(module, batches, step, self.policy.probe_steps, ignored=own)
             self.probe_result = result
             if self.probe_only:
                 raise ProbeDone(result)
+        steps = self.policy.probe_steps
+        probe_advice = (
+            f"To make the choice explicit: ddp=safe (find_unused_parameters=True: any pattern of use), "
+            f"or a larger ddp.probe_steps (now {steps}) if the branch shows up within that many steps."
+        )
         if choice is UnusedParams.ignore:
             if self.policy.ignore:
                 names = match_ignore(module, list(self.policy.ignore))
+                self.left_out_why = "they are named in ddp.ignore"
+                self.left_out_advice = ("Fix: take them out of ddp.ignore, or use ddp=safe if they are used only in "
+                                        "some steps.")  # fmt: skip
             else:
                 if result.sometimes_unused:
                     from .errors import ConfigError
@@ -170,6 +188,8 @@ class WorkerContext:
                         "drift apart.\nFix: ddp=safe, or ddp=auto (which picks find here)."
                     )  # fmt: skip
                 names = result.never_used
+                self.left_out_why = f"ddp=ignore's probe saw them unused in all {steps} of its steps"
+                self.left_out_advice = probe_advice
         else:
             decided, _ = result.decision()
             self.log.info(result.summary_line())
@@ -180,11 +200,14 @@ class WorkerContext:
             if decided is UnusedParams.strict:
                 return None  # the setting already in place
             names = result.never_used
+            self.left_out_why = f"ddp=auto's probe saw them unused in all {steps} of its steps and chose ignore"
+            self.left_out_advice = probe_advice
         if not can_ignore:
             self.log.info("%d parameters are unused in every step; this framework wraps its own module, so they are "
                           "handled with static_graph=True", len(names))  # fmt: skip
             return {"static_graph": True}
         set_ignored(module, names)
+        self.left_out = list(names)
         for module_name, leaves in group_by_module(names).items():
             self.log.info("DDP leaves out %s: %s", module_name, ", ".join(leaves))
         return {}
@@ -198,7 +221,9 @@ class WorkerContext:
         if model is None or not hasattr(model, "reducer"):
             return
         if not model.find_unused_parameters and not model.static_graph:
+            self._checking_first_step = True
             model._check_reducer_finalized()
+            self._checking_first_step = False
         self._unused_bytes_sample()
 
     def _unused_bytes_sample(self) -> None:
@@ -210,7 +235,9 @@ class WorkerContext:
                 self._unused_bytes.append(size)
 
     def after_run(self) -> None:
-        """With find, say so when DDP found nothing unused: strict would have been faster."""
+        """Compare the replicas; with find, say so when DDP found nothing unused (strict would be faster)."""
+        if self.policy.check_replicas and self.ddp_model is not None and self.world_size > 1:
+            self.check_replicas("at the end of the run")
         self._unused_bytes_sample()
         if self._unused_bytes and all(b == 0 for b in self._unused_bytes) and self.is_main:
             self.log.warning(
@@ -219,11 +246,96 @@ class WorkerContext:
             )
 
     def track_ddp(self, model: Any) -> Any:
-        """Remember the DDP-wrapped model so its errors can be explained with parameter names, and log
-        the settings DDP really holds."""
+        """Remember the DDP-wrapped model so its errors can be explained with parameter names, log the
+        settings DDP really holds, count its steps, and guard the parameters this run left out of it.
+
+        Adapters call it again when they replace the wrapper; the hooks on the previous one are removed.
+        """
+        from .guard import IgnoredGradGuard, StepCounter
+
+        start = self.steps.steps if self.steps is not None else 0
+        for hooked in (self.guard, self.steps):
+            if hooked is not None:
+                hooked.remove()
+        self.guard = None
         self.ddp_model = model
         self.log.info("DDP as built: %s", ", ".join(f"{k}={v}" for k, v in describe_ddp(model).items()))
+        if not hasattr(model, "register_forward_pre_hook") or not hasattr(model, "require_backward_grad_sync"):
+            self.steps = None
+            return model
+        self.steps = StepCounter(model, start)
+        ignored = getattr(model, "parameters_to_ignore", ())
+        if self.left_out and any(name in ignored for name in self.left_out):
+            self.guard = IgnoredGradGuard(
+                model, self.left_out, self.steps, on_grad=self.policy.on_ignored_grad, why=self.left_out_why,
+                advice=self.left_out_advice, log=self.log, flag_group=self._cpu_group(),
+            )  # fmt: skip
+        if self.policy.check_replicas_every and self._every_steps_hook is None:
+            self._every_steps_check()
         return model
+
+    def set_step(self, step: int) -> None:
+        """The training step a resumed run starts from (messages count steps from the run's start)."""
+        if self.steps is not None:
+            self.steps.steps = step
+
+    def _cpu_group(self) -> Any:
+        """A gloo group for the guard's per-step flags: on nccl runs they then never wait for the GPU."""
+        if self.backend is not Backend.nccl:
+            return None
+        if self._flag_group is None:
+            import torch.distributed as dist
+
+            self._flag_group = dist.new_group(backend="gloo")
+        return self._flag_group
+
+    def check_replicas(self, when: str) -> None:
+        """Every rank compares its parameters with rank 0's; raises ReplicasDiffer on every rank if they differ."""
+        from .replicas import ReplicasDiffer, buffers_note, compare, failure_message
+
+        report = compare(self.ddp_model.module, left_out_by_us=self.left_out,
+                         group=getattr(self.ddp_model, "process_group", None))  # fmt: skip
+        if not report.equal:
+            raise ReplicasDiffer(failure_message(report, when), list(report.params_differ))
+        if self.is_main:
+            self.log.info("replicas equal %s: %d parameters and buffers compared across %d ranks", when,
+                          report.compared - len(report.buffers_differ), self.world_size)  # fmt: skip
+            if report.buffers_differ:
+                self.log.info(buffers_note(report))
+            if report.skipped:
+                self.log.info("not compared: %d tensors the model's own code leaves out of DDP (%s)",
+                              len(report.skipped), ", ".join(report.skipped[:4]))  # fmt: skip
+
+    def _every_steps_check(self) -> None:
+        """``ddp.check_replicas_every``: a check after every N-th optimizer step, whichever framework steps it."""
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        every = self.policy.check_replicas_every
+        count = [0]
+
+        def after_step(*_: Any) -> None:
+            count[0] += 1
+            if count[0] % every == 0 and self.ddp_model is not None:
+                self.check_replicas(f"after optimizer step {count[0]}")
+
+        self._every_steps_hook = register_optimizer_step_post_hook(after_step)
+
+    def failure_context(self) -> dict[str, Any]:
+        """What a failure message needs to know about this run's choices: the step, and whether a probe decided."""
+        out: dict[str, Any] = {}
+        if self.steps is not None:
+            # DDP reports parameters a step left unused at the next step's forward (counted already), except
+            # the check right after step 1's backward.
+            out["step"] = self.steps.steps if self._checking_first_step else max(self.steps.steps - 1, 1)
+        decided_by_probe = self.probe_result is not None and (
+            self.policy.unused_params is UnusedParams.auto
+            or (self.policy.unused_params is UnusedParams.ignore and not self.policy.ignore)
+        )
+        if decided_by_probe:
+            out["probe_steps"] = self.probe_result.steps
+            out["probe_choice"] = (self.probe_result.decision()[0].name if self.policy.unused_params is
+                                   UnusedParams.auto else "ignore")  # fmt: skip
+        return out
 
 
 class Adapter(abc.ABC):

@@ -20,6 +20,9 @@ GRAPH_CHANGED_MARKER = "training graph has changed in this iteration"
 READY_TWICE_MARKERS = ("marked as ready twice", "Expected to mark a variable ready only once")
 WORKERS_DIED_MARKERS = ("background workers are no longer alive", "DataLoader worker (pid")
 TIMEOUT_MARKERS = ("Timed out waiting", "timed out after", "Timeout waiting", "operation timed out")
+# Raised by this project on every rank: ddp.on_ignored_grad=fail, and the replica check.
+IGNORED_GRAD_MARKER = "left out of DDP got a gradient in training step"
+REPLICAS_MARKER = "The replicas differ"
 OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "out of memory")
 # A rank whose peer died sees one of these: a consequence of the failure, not its cause.
 PEER_LOST_MARKERS = (
@@ -34,12 +37,18 @@ class Diagnosis:
     """One rank's explanation of a failure, small enough to send between processes."""
 
     rank: int
-    kind: str  # unused_parameters | graph_changed | ready_twice | workers_died | oom | timeout | peer_lost | error
+    # unused_parameters | graph_changed | ready_twice | ignored_got_grad | replicas_differ | workers_died | oom |
+    # timeout | peer_lost | error
+    kind: str
     summary: str  # one line
     original: str  # the exception as torch (or the framework) raised it
     unused: list[str] = field(default_factory=list)  # exact parameter names, DDP's order
     aliases: dict[str, list[str]] = field(default_factory=dict)  # tied parameters: other names
     traceback: str = ""
+    # What the run had decided, for the advice: the training step, and the probe behind ddp=auto / ignore.
+    step: int = 0
+    probe_steps: int = 0
+    probe_choice: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,6 +99,12 @@ def diagnose(exc: BaseException, rank: int, ddp_model: Any = None, tb: str = "")
     """Explain ``exc`` raised on ``rank``. ``ddp_model`` (the DDP wrapper) turns indices into names."""
     text = str(exc)
     original = f"{type(exc).__name__}: {text}"
+    if IGNORED_GRAD_MARKER in text:
+        return Diagnosis(rank, "ignored_got_grad", "parameters left out of DDP got a gradient", text,
+                         list(getattr(exc, "names", [])), traceback=tb)  # fmt: skip
+    if text.startswith(REPLICAS_MARKER):
+        return Diagnosis(rank, "replicas_differ", "the replicas differ", text, list(getattr(exc, "names", [])),
+                         traceback=tb)  # fmt: skip
     if REDUCTION_MARKER in text or GRAPH_CHANGED_MARKER in text:
         names: list[str] = []
         aliases: dict[str, list[str]] = {}
@@ -181,6 +196,23 @@ _FIXES = {
 
 
 _FROM_DDP = ("unused_parameters", "graph_changed", "ready_twice")
+_OURS = ("ignored_got_grad", "replicas_differ")
+
+
+def _probe_missed(d: Diagnosis) -> str:
+    """The advice when ddp=auto's (or ddp=ignore's) probe decided and a later step proved it wrong."""
+    seen = {"strict": "every parameter used in every step", "ignore": "the same parameters unused in every step",
+            "find": "the unused parameters change"}.get(d.probe_choice, "")  # fmt: skip
+    step = f"in training step {d.step}" if d.step else "in a later step"
+    return (
+        f"The probe decided this: before training it ran {d.probe_steps} forward/backward step(s), saw {seen}, "
+        f"and chose {d.probe_choice}. The parameters above got no gradient {step}, which the probe did not see: "
+        "the model's unused set changes from step to step.\n"
+        "Fix it on the command line:\n"
+        "  ddp=safe               find_unused_parameters=True: works whatever changes between steps or ranks.\n"
+        f"  ddp.probe_steps=N      a longer probe (now {d.probe_steps}), if the change shows up within N steps.\n"
+        "Or make the loss use them in every step."
+    )
 
 
 def format_failure(diagnoses: list[Diagnosis], *, context: str = "") -> str:
@@ -214,9 +246,12 @@ def format_failure(diagnoses: list[Diagnosis], *, context: str = "") -> str:
                 rank_sets = {frozenset(d.unused) for d in group}
                 if len(rank_sets) > 1:
                     lines.append("The unused set differs between ranks, so ddp=static may not hold: prefer ddp=safe.")
-            lines.append(_FIXES[kind])
+            lines.append(_probe_missed(group[0]) if group[0].probe_choice else _FIXES[kind])
             if context:
                 lines.append(context)
+        elif kind in _OURS:
+            lines.append(f"The run stopped on {_ranks(d.rank for d in group)}:")
+            lines.append(group[0].original)
         elif kind == "timeout":
             lines.append(
                 f"{_ranks(d.rank for d in group).capitalize()} gave up after waiting ddp.timeout_s for the "
@@ -235,6 +270,8 @@ def format_failure(diagnoses: list[Diagnosis], *, context: str = "") -> str:
             for d in group:
                 lines.append(f"rank {d.rank} failed: {d.summary}")
         first = group[0]
+        if kind in _OURS:
+            continue
         if kind == "error":
             lines.append(f"\nThe original error (rank {first.rank}):")
             lines.extend("  " + line for line in (first.traceback or first.original).rstrip().splitlines())

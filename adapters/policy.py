@@ -28,6 +28,13 @@ class UnusedParams(enum.Enum):
     auto = "auto"  # probe the model before training and pick the cheapest of strict, ignore and find
 
 
+class OnIgnoredGrad(enum.Enum):
+    """What happens when a parameter left out of DDP (by the probe or ddp.ignore) gets a gradient on some rank."""
+
+    sync = "sync"  # average its gradient across ranks before the optimizer step (as DDP would), log once, go on
+    fail = "fail"  # stop the run on every rank before the optimizer step, naming the parameters
+
+
 class DebugLevel(enum.Enum):
     """``TORCH_DISTRIBUTED_DEBUG`` for every rank."""
 
@@ -88,6 +95,14 @@ class DDPPolicy:
     # auto, ignore without names, and `python -m adapters doctor`: forward/backward steps the probe runs
     # on every rank before training (no optimizer step; weights, buffers and RNG restored afterwards).
     probe_steps: int = 2
+    # When a parameter left out of DDP (by auto's probe, or named in ddp.ignore) gets a gradient on some
+    # rank: sync averages it across ranks before clipping, GradScaler or the optimizer read it, and logs once;
+    # fail stops every rank before the optimizer step. Either way no rank applies a gradient alone.
+    on_ignored_grad: OnIgnoredGrad = OnIgnoredGrad.sync
+    # Compare every rank's parameters with rank 0's at the end of the run; a difference fails the run.
+    check_replicas: bool = True
+    # Also compare them every this many optimizer steps (0: only at the end).
+    check_replicas_every: int = 0
 
 
 @dataclass
@@ -190,6 +205,15 @@ def check_policy(policy: DDPPolicy) -> None:
     """What the schema cannot check by itself."""
     if policy.probe_steps < 1:
         raise ConfigError(f"ddp.probe_steps={policy.probe_steps} must be at least 1 (2 tells a changing graph apart).")
+    if policy.check_replicas_every < 0:
+        raise ConfigError(
+            f"ddp.check_replicas_every={policy.check_replicas_every} must be 0 (only at the end of the run) or more."
+        )
+    if policy.check_replicas_every and not policy.check_replicas:
+        raise ConfigError(
+            "ddp.check_replicas_every is set, but ddp.check_replicas=false turns the replica check off.\n"
+            "Fix: drop one of them."
+        )
     if policy.ignore and policy.unused_params is not UnusedParams.ignore:
         raise ConfigError(
             f"ddp.ignore is set, but ddp.unused_params={policy.unused_params.name}: the names are only used with "

@@ -89,6 +89,15 @@ class ProbeResult:
                 on = "rank " if len(ranks) == 1 else "ranks "
                 lines.append(f"  {module} ({on}{', '.join(map(str, ranks))}): {', '.join(leaves)}")
         lines.append(f"Recommended: {preset}, because {reason}. ddp=auto picks it by itself.")
+        lines.append(
+            f"What the probe cannot see: only these {self.steps} steps run, on the first batches. A branch used "
+            "later (every k-th step, at random like LayerDrop or a rarely routed expert, after a warm-up) looks "
+            "unused here, and a model's own Python state (a step counter) is not rewound after the probe. Where "
+            "parameters are left out of DDP and a later step does use them, the guard averages their gradients "
+            "across ranks before the optimizer step and says so once (ddp.on_ignored_grad=fail stops instead); "
+            "the run's end compares every rank's parameters. Make it explicit with ddp=safe, or see more with a "
+            "larger ddp.probe_steps."
+        )
         return "\n".join(lines)
 
     def summary_line(self) -> str:
@@ -146,11 +155,17 @@ def run_probe(
 
 
 def match_ignore(module: Any, patterns: list[str]) -> list[str]:
-    """Trainable parameter names matched by ``ddp.ignore``: a parameter name, a module name, or a glob."""
+    """Trainable parameters matched by ``ddp.ignore`` (a parameter name, a module name, or a glob), as reducer
+    names. A tied parameter matches under any of its names."""
     names = reducer_parameter_names(module)
+    known = set(names)
+    canonical = {id(p): n for n, p in module.named_parameters() if n in known}
+    spellings = [(n, canonical[id(p)]) for n, p in module.named_parameters(remove_duplicate=False)
+                 if id(p) in canonical]  # fmt: skip
     chosen: list[str] = []
     for pattern in patterns:
-        hits = [n for n in names if n == pattern or n.startswith(pattern + ".") or fnmatch.fnmatchcase(n, pattern)]
+        hits = [reducer for n, reducer in spellings
+                if n == pattern or n.startswith(pattern + ".") or fnmatch.fnmatchcase(n, pattern)]  # fmt: skip
         if not hits:
             import difflib
 
@@ -159,13 +174,34 @@ def match_ignore(module: Any, patterns: list[str]) -> list[str]:
             hint = f" Close: {', '.join(close)}." if close else ""
             raise ConfigError(f"ddp.ignore: '{pattern}' matches no trainable parameter of the model.{hint}")
         chosen += [n for n in hits if n not in chosen]
-    return chosen
+    return [n for n in names if n in chosen]
+
+
+def ignore_spellings(module: Any, names: list[str]) -> list[str]:
+    """Every name under which DDP looks a tensor up in its ignore list, for each parameter in ``names``.
+
+    DDP (``_build_params_for_reducer``) keeps a parameter when any module that holds it does not list it
+    under that module's own name, so a tied tensor must be listed under every name it has; a root-module
+    parameter is looked up as ``.name`` there and as ``name`` elsewhere in DDP.
+    """
+    by_name = dict(module.named_parameters(remove_duplicate=False))
+    wanted = {id(by_name[n]) for n in names}
+    out: list[str] = []
+    for module_name, mod in module.named_modules(remove_duplicate=False):
+        for param_name, param in mod.named_parameters(recurse=False):
+            if id(param) in wanted:
+                full = f"{module_name}.{param_name}"
+                out += [full] if module_name else [full, param_name]
+    return list(dict.fromkeys(out))
 
 
 def set_ignored(module: Any, names: list[str]) -> None:
-    """Tell DDP (before it wraps ``module``) to leave these parameters out of its reduction."""
+    """Tell DDP (before it wraps ``module``) to leave these parameters out of its reduction, under every name
+    it may look them up by, keeping whatever the model's own code already asked DDP to ignore."""
     from torch.nn.parallel import DistributedDataParallel
 
-    # DDP spells a root-module parameter with a leading "."; named_parameters() without.
-    spelled = [n if "." in n else f".{n}" for n in names]
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names + spelled)
+    own = list(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
+    spelled = ignore_spellings(module, names)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        module, own + [n for n in spelled if n not in own]
+    )

@@ -125,6 +125,7 @@ def run_worker(spec: WorkerSpec) -> Outcome:
             log.info("memory -> %s", ", ".join(f"{k}={v}" for k, v in applied.items()) or "the framework's own")
         try:
             summary = adapter.run(ctx)
+            save_replica_for_test(ctx)
             ctx.after_run()
             if ctx.probe_result is not None:
                 summary = {**(summary or {}), "probe_s": round(ctx.probe_result.seconds, 2)}
@@ -136,9 +137,35 @@ def run_worker(spec: WorkerSpec) -> Outcome:
         # The traceback goes to this rank's log file only; the launcher prints one explanation for all ranks.
         with open(Path(spec.run_dir) / f"rank{spec.rank}.log", "a") as f:
             f.write(tb)
-        outcome = Outcome(spec.rank, False, diagnosis=diagnose(exc, spec.rank, ctx and ctx.ddp_model, tb))
+        diagnosis = diagnose(exc, spec.rank, ctx and ctx.ddp_model, tb)
+        if ctx is not None:
+            try:
+                for key, value in ctx.failure_context().items():
+                    setattr(diagnosis, key, value)
+            except Exception:  # the context only sharpens the advice; never lose the failure itself
+                log.debug("no failure context", exc_info=True)
+        outcome = Outcome(spec.rank, False, diagnosis=diagnosis)
     _teardown(ctx, outcome.ok)
     return outcome
+
+
+def save_replica_for_test(ctx: Any) -> None:
+    """Test hook: ADAPTERS_TEST_SAVE_REPLICAS=1 makes every rank write a SHA-256 of each of its model's
+    parameters to <run folder>/replica_rank<N>.json, so that the tests compare the replicas themselves,
+    independently of the replica check."""
+    if not os.environ.get("ADAPTERS_TEST_SAVE_REPLICAS") or ctx.ddp_model is None:
+        return
+    import hashlib
+    import json
+
+    import torch
+
+    module = getattr(ctx.ddp_model, "module", ctx.ddp_model)
+    digests = {}
+    for name, param in module.named_parameters():
+        raw = param.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        digests[name] = hashlib.sha256(raw).hexdigest()
+    (ctx.run_dir / f"replica_rank{ctx.rank}.json").write_text(json.dumps(digests, indent=0))
 
 
 def _restart_safe_store() -> dict[str, Any]:

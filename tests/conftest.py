@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -12,13 +13,38 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train.py"
-# my_pkg (a user's own model and data) is importable in every rank through PYTHONPATH.
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "HYDRA_FULL_ERROR": ""}
+# my_pkg (a user's own model and data) is importable in every rank through PYTHONPATH. Every rank writes a
+# digest of its parameters at the end of a run (ADAPTERS_TEST_SAVE_REPLICAS), which `run` compares.
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "HYDRA_FULL_ERROR": "",
+       "ADAPTERS_TEST_SAVE_REPLICAS": "1"}  # fmt: skip
 
 
 def run(cmd: list[str], cwd: Path, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a command to the end. The timeout is a hang guard, not a speed goal."""
-    return subprocess.run(cmd, cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    """Run a command to the end. The timeout is a hang guard, not a speed goal.
+
+    Every multi-process run that finished checks here that its replicas agree: each rank's parameter
+    digests, written by the rank itself, must be the same as rank 0's (independently of the run's own
+    replica check, which is on by default and fails the run).
+    """
+    proc = subprocess.run(cmd, cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+    if proc.returncode == 0:
+        for folder in {p.parent for p in Path(cwd).rglob("replica_rank*.json")}:
+            assert_replicas_equal(folder)
+    return proc
+
+
+def replica_digests(run_dir: Path) -> dict[int, dict[str, str]]:
+    """rank -> {parameter name: SHA-256 of its bytes}, as each rank wrote them at the end of its run."""
+    return {int(p.stem.removeprefix("replica_rank")): json.loads(p.read_text())
+            for p in sorted(run_dir.glob("replica_rank*.json"))}  # fmt: skip
+
+
+def assert_replicas_equal(run_dir: Path) -> None:
+    digests = replica_digests(run_dir)
+    assert len(digests) > 1 or digests.keys() == {0}, f"replica digests missing in {run_dir}"
+    differ = sorted({n for rank, d in digests.items() for n in d if d[n] != digests[0].get(n)})
+    assert not differ, f"the replicas differ in {run_dir}: {differ}"
 
 
 def train(cwd: Path, *overrides: str, **kwargs) -> subprocess.CompletedProcess:

@@ -19,6 +19,8 @@ CASES = {
     "framework.steps=many": ["framework.steps", "could not be converted to Integer"],
     "framework.model._target_=no_such_pkg.Net": ["framework.model._target_=no_such_pkg.Net cannot be imported"],
     "+ddp.kwargs.static_graph=true": ["ddp.kwargs.static_graph cannot be passed through", "ddp.unused_params=static"],
+    "ddp.on_ignored_grad=maybe": ["ddp.on_ignored_grad=maybe is not a valid value", "sync, fail"],
+    "ddp.check_replicas_every=-1": ["ddp.check_replicas_every=-1 must be 0"],
     "launcher.backend=nccl": ["launcher.backend=nccl needs one GPU per process", "launcher.backend=gloo"],
 }
 

@@ -92,6 +92,7 @@ class TorchAdapter(Adapter):
     def validate(self, framework_cfg: Any) -> None:
         for key in ("model", "data"):
             _check_target(f"framework.{key}", dict(framework_cfg[key]))
+        check_contract(framework_cfg)
         if framework_cfg["checkpoint_every"] < 0:
             raise ConfigError(
                 f"framework.checkpoint_every={framework_cfg['checkpoint_every']} must be 0 (never) or more."
@@ -165,6 +166,7 @@ class TorchAdapter(Adapter):
                 scaler.load_state_dict(resumed["scaler"])
             step, epoch, position, guard.batch_size = (resumed[k] for k in ("step", "epoch", "position", "batch_size"))
             checkpoint.restore_rng(resumed["rng"][ctx.rank])
+            ctx.set_step(step)
             ctx.log.info("resuming from step %d (%s)", step, checkpoint_path)
 
         def save_checkpoint() -> None:
@@ -240,12 +242,83 @@ def cycle(iterable: Any) -> Any:
         yield from iterable
 
 
+CONTRACT = (
+    "The contract: the dataset's items are dicts of tensors, the model is called as model(**batch) and "
+    "returns the loss (a tensor with one value) or a dict with a 'loss' key."
+)
+
+
 def _loss(output: Any) -> Any:
+    """The loss in ``output``, or a ConfigError naming what the model returned instead."""
+    import torch
+
+    loss = output
     if isinstance(output, dict):
         if "loss" not in output:
-            raise ConfigError(f"framework.model returned a dict without a 'loss' key (keys: {', '.join(output)}).")
-        return output["loss"]
-    return output
+            raise ConfigError(f"framework.model returned a dict without a 'loss' key (keys: {', '.join(output)}).\n"
+                              f"{CONTRACT}\nFix: add the loss to the dict as 'loss'.")  # fmt: skip
+        loss = output["loss"]
+    if isinstance(loss, (tuple, list)):
+        raise ConfigError(
+            f"framework.model returned a {type(loss).__name__} of {len(loss)}, not the loss.\n{CONTRACT}\n"
+            "Fix: return the loss, or {'loss': loss, ...} with the other outputs beside it."
+        )
+    if not isinstance(loss, torch.Tensor):
+        raise ConfigError(f"framework.model returned a {type(loss).__name__}, not a tensor.\n{CONTRACT}")
+    if loss.numel() != 1:
+        raise ConfigError(
+            f"framework.model returned a tensor of shape {list(loss.shape)}, not a loss with one value (logits?).\n"
+            f"{CONTRACT}\nFix: compute the loss inside forward from the targets in the batch, and return it."
+        )
+    return loss
+
+
+def check_contract(framework_cfg: Any) -> None:
+    """Dataset items and model output meet the contract: checked before any process starts, on two samples,
+    with the model built on the meta device (no memory used, no real arithmetic). A model that cannot run on
+    the meta device (data-dependent code) is checked by its first training step instead."""
+    import torch
+    from torch.utils.data import default_collate
+
+    data_target = framework_cfg["data"].get("_target_")
+    try:
+        dataset = build("framework.data", dict(framework_cfg["data"]))
+        count = len(dataset)
+        items = [dataset[i] for i in range(min(2, count))]
+    except ConfigError:
+        raise
+    except Exception as exc:  # a user's dataset can fail in any way; say which node
+        raise ConfigError(f"framework.data: building {data_target} or reading its first items failed: "
+                          f"{type(exc).__name__}: {exc}") from None  # fmt: skip
+    if not items:
+        raise ConfigError(f"framework.data: {data_target} has no samples.")
+    if not isinstance(items[0], dict):
+        raise ConfigError(
+            f"framework.data: the items of {data_target} are {type(items[0]).__name__}s, not dicts.\n{CONTRACT}\n"
+            "Fix: return a dict from __getitem__, keyed by the model's forward arguments, e.g. "
+            "{'image': image, 'target': label}."
+        )
+    model_node = dict(framework_cfg["model"])
+    try:
+        with torch.device("meta"):
+            model = build("framework.model", model_node, deep_supervision=framework_cfg["deep_supervision"])
+    except Exception:  # built for real in every rank anyway, with its own error there
+        return
+    keys = sorted(items[0])
+    try:
+        inspect.signature(model.forward).bind(**{k: None for k in keys})
+    except TypeError as exc:
+        raise ConfigError(
+            f"framework.model: {model_node.get('_target_')}.forward cannot take the dataset's keys as arguments "
+            f"({', '.join(keys)}): {exc}.\n{CONTRACT}\nFix: rename the dataset's keys or forward's arguments "
+            "so they match."
+        ) from None
+    try:
+        batch = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in default_collate(items).items()}
+        output = model.train()(**batch)
+    except Exception:  # not runnable on the meta device: the first training step checks the output
+        return
+    _loss(output)
 
 
 def _split(node: dict[str, Any]) -> tuple[str, dict[str, Any]]:

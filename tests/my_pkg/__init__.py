@@ -22,6 +22,11 @@ class TrickyNet(nn.Module):
         fail_at_step: int = 0,
         fail_how: str = "exit",
         hang_on_rank: int = -1,
+        late_from: int = 0,
+        use_p: float = 0.0,
+        seed: int = 0,
+        perturb_on_rank: int = -1,
+        perturb_at: int = 0,
     ):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(()))  # on the root module
@@ -39,6 +44,15 @@ class TrickyNet(nn.Module):
         self.unused = unused
         self.fail_on_rank, self.fail_at_step, self.fail_how = fail_on_rank, fail_at_step, fail_how
         self.hang_on_rank = hang_on_rank
+        # "late": the aux branch runs from forward number late_from on (the probe's forwards count too);
+        # "until": before it only.
+        self.late_from = late_from
+        # "random": the aux branch runs with probability use_p per forward, drawn from the model's own
+        # generator seeded with seed + rank (as LayerDrop or expert routing would; the probe does not rewind it).
+        self.use_p = use_p
+        self.generator = torch.Generator().manual_seed(seed + int(os.environ.get("RANK", "0")))
+        # A model that changes its own weights on one rank (forward number perturb_at): the replicas differ.
+        self.perturb_on_rank, self.perturb_at = perturb_on_rank, perturb_at
         self.steps = 0
 
     def forward(self, x, y):
@@ -50,15 +64,21 @@ class TrickyNet(nn.Module):
             raise ValueError(f"boom on rank {rank}")
         if self.steps == self.fail_at_step and rank == self.hang_on_rank:
             time.sleep(3600)  # stuck outside any collective: nothing in torch will ever notice
+        if self.steps == self.perturb_at and rank == self.perturb_on_rank:
+            with torch.no_grad():
+                self.head.weight.add_(1e-3)
         h = self.blocks["inner"](self.stem(x) + self.frozen)
         h = self.reuse(h)
         loss = ((self.head(h).squeeze(-1) * self.scale - y) ** 2).mean()
         # "none": everything in the loss; "aux": the aux branch never is; "alternate": only in odd steps;
-        # "some_ranks": only on rank 0.
+        # "some_ranks": only on rank 0; "late" and "random": see __init__.
         if (
             self.unused == "none"
             or (self.unused == "alternate" and self.steps % 2)
             or (self.unused == "some_ranks" and rank == 0)
+            or (self.unused == "late" and self.steps >= self.late_from)
+            or (self.unused == "until" and self.steps < self.late_from)
+            or (self.unused == "random" and float(torch.rand((), generator=self.generator)) < self.use_p)
         ):
             p = self.aux["proj"](h)
             loss = loss + (self.aux["out"](p) + self.aux_tied(p)).pow(2).mean() * 1e-3
@@ -76,3 +96,44 @@ class Regression(Dataset):
 
     def __getitem__(self, i):
         return {"x": self.x[i], "y": self.y[i]}
+
+
+def random_use_seed(use_p: float, probe_steps: int = 2, ranks: int = 2, within: int = 8) -> int:
+    """A seed for TrickyNet(unused="random") whose draws skip the aux branch in every probe step on every
+    rank, and use it in a training step within the first ``within`` steps on some rank."""
+    for seed in range(10_000):
+        draws = [torch.rand(probe_steps + within, generator=torch.Generator().manual_seed(seed + r)) for r in
+                 range(ranks)]  # fmt: skip
+        if all((d[:probe_steps] >= use_p).all() for d in draws) and any((d[probe_steps:] < use_p).any() for d in draws):
+            return seed
+    raise AssertionError("no such seed")
+
+
+class PairData(Regression):
+    """Breaks the contract: items are (x, y) tuples, as many datasets return them."""
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+class TupleOutput(nn.Module):
+    """Breaks the contract: returns (loss, prediction)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, x, y):
+        pred = self.lin(x).squeeze(-1)
+        return ((pred - y) ** 2).mean(), pred
+
+
+class Logits(nn.Module):
+    """Breaks the contract: returns its predictions, not a loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x, y):
+        return self.lin(x)
