@@ -89,7 +89,11 @@ def compare(module: Any, *, left_out_by_us: Iterable[str] = (), group: Any = Non
     device = next((t.device for _, t, _ in entries), torch.device("cpu"))
     if dist.get_backend(group) == "gloo":
         device = torch.device("cpu")
-    mine = torch.stack([fingerprint(t).to(device) for _, t, _ in entries]) if entries else torch.zeros(0)
+    mine = (
+        torch.stack([fingerprint(t).to(device) for _, t, _ in entries])
+        if entries
+        else torch.zeros(0, dtype=torch.int64)
+    )
     world = dist.get_world_size(group)
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([len(entries)], dtype=torch.int64, device=device), group=group)

@@ -7,10 +7,13 @@ Two ranks (gloo on CPU; nccl when there is a GPU per rank) train two models:
 * ``deep MLP + unused head``: the same with an auxiliary head left out of the loss (strict cannot run).
 
 Each setting gets its own identically initialised copy and DDP wrapper; ``auto`` goes through the same
-code the adapters use (``WorkerContext.resolve_unused_params``: probe, decide, apply). The settings take
-turns in short timed blocks in a rotating order, so drift on the machine falls on all of them alike.
-The table gives each setting's median step time and its ratio to the best hand-picked setting (the
-fastest of strict, find, static and ignore that works), and the probe's cost in training steps.
+code the adapters use (``WorkerContext.resolve_unused_params``: probe, decide, apply; then
+``WorkerContext.track_ddp``: the step counter and, when parameters are left out, the guard that keeps
+them in sync). ``auto, no guard`` is the same wrapper without ``track_ddp``'s hooks: the difference between
+the two is what the guard costs. The settings take turns in short timed blocks in a rotating order, so
+drift on the machine falls on all of them alike. The table gives each setting's median step time, the
+spread of its blocks (25th to 75th percentile), its ratio to the best hand-picked setting (the fastest of
+strict, find, static and ignore that works), the guard's cost, and the probe's cost in training steps.
 
     python benchmarks/ddp_policies.py [--rounds 40] [--steps 10] [--layers 96] [--width 64]
 """
@@ -24,9 +27,11 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+NO_GUARD = "auto, no guard"
 HAND_PICKED = {"strict": {}, "find": {"find_unused_parameters": True}, "static": {"static_graph": True},
                "ignore": None}  # fmt: skip
 
@@ -74,8 +79,9 @@ def _timed(ddp, opt, inputs, steps: int, cuda: bool) -> float:
     return elapsed.item() / steps
 
 
-def _auto(net, inputs, rank: int, world: int, cuda: bool, device) -> tuple[dict, float, str]:
-    """ddp=auto through the adapters' own code: probe, decide, apply."""
+def _auto(net, inputs, rank: int, world: int, cuda: bool, device) -> tuple[Any, dict, float, str]:
+    """ddp=auto through the adapters' own code: probe, decide, apply. Returns the context (its ``track_ddp``
+    adds the step counter and the guard), the DDP arguments, the probe's seconds and its choice."""
     from adapters.base import NativeSettings, WorkerContext
     from adapters.policy import Backend, DDPPolicy, UnusedParams
 
@@ -84,7 +90,7 @@ def _auto(net, inputs, rank: int, world: int, cuda: bool, device) -> tuple[dict,
     ctx = WorkerContext(rank, rank, world, backend, str(device), Path("."), {}, policy, NativeSettings("torch", {}),
                         logging.getLogger("bench"))  # fmt: skip
     decided = ctx.resolve_unused_params(net, iter(inputs * 2), lambda batch: net(**batch).backward())
-    return decided or {}, ctx.probe_result.seconds, ctx.probe_result.decision()[0].name
+    return ctx, decided or {}, ctx.probe_result.seconds, ctx.probe_result.decision()[0].name
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -> None:
@@ -107,17 +113,19 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
     results = {}
     for scenario, unused_head in (("deep MLP, all used", False), ("deep MLP + unused head", True)):
         models, probe_seconds, auto_choice = {}, 0.0, ""
-        for name in [*HAND_PICKED, "auto"]:
+        for name in [*HAND_PICKED, "auto", NO_GUARD]:
             if name == "strict" and unused_head:
                 continue
             torch.manual_seed(0)
             net = _model(args.layers, args.width, unused_head).to(device)
-            kwargs = HAND_PICKED.get(name) or {}
+            kwargs, ctx = HAND_PICKED.get(name) or {}, None
             if name == "ignore" and unused_head:
                 set_ignored(net, [n for n, _ in net.named_parameters() if n.startswith("aux_head.")])
-            if name == "auto":
-                kwargs, probe_seconds, auto_choice = _auto(net, inputs, rank, world, cuda, device)
+            if name in ("auto", NO_GUARD):
+                ctx, kwargs, probe_seconds, auto_choice = _auto(net, inputs, rank, world, cuda, device)
             ddp = DistributedDataParallel(net, device_ids=[rank] if cuda else None, **kwargs)
+            if name == "auto":
+                ctx.track_ddp(ddp)
             models[name] = (ddp, torch.optim.SGD(ddp.parameters(), lr=1e-3))
         names = list(models)
         for name in names:  # warm up every wrapper (static_graph records its graph in step 1)
@@ -127,6 +135,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 times[name].append(_timed(*models[name], inputs, args.steps, cuda))
         results[scenario] = {"ms": {n: statistics.median(t) * 1000 for n, t in times.items()},
+                             "spread": {n: _quartiles(t) for n, t in times.items()},
+                             "guard": _paired_cost(times["auto"], times[NO_GUARD]),
                              "probe_s": probe_seconds, "auto_choice": auto_choice}  # fmt: skip
         models.clear()
     if rank == 0:
@@ -135,28 +145,51 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
     dist.destroy_process_group()
 
 
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(values, n=4)
+    return q[0] * 1000, q[2] * 1000
+
+
+def _paired_cost(guarded: list[float], bare: list[float]) -> tuple[float, float, float]:
+    """The guard's cost from blocks timed next to each other in the same round: median and quartiles of
+    guarded / bare - 1, in percent (pairs cancel the drift that separate medians would carry)."""
+    ratios = [(g / b - 1) * 100 for g, b in zip(guarded, bare, strict=True)]
+    q = statistics.quantiles(ratios, n=4)
+    return statistics.median(ratios), q[0], q[2]
+
+
 def table(results: dict, args: argparse.Namespace) -> str:
     lines = [
         f"2 ranks, {'nccl' if args.cuda else 'gloo (CPU)'}, MLP {args.layers} layers x {args.width}, "
         f"batch {args.batch}/rank, median of {args.rounds} rounds x {args.steps} steps, side by side in one run.",
         "",
-        "| model | setting | ms/step | steps/s | vs best hand-picked |",
-        "|-------|---------|---------|---------|---------------------|",
+        "| model | setting | ms/step (25-75%) | steps/s | vs best hand-picked |",
+        "|-------|---------|------------------|---------|---------------------|",
     ]
     for scenario, row in results.items():
         ms = row["ms"]
-        best = min(ms[n] for n in ms if n != "auto")
-        best_name = min((n for n in ms if n != "auto"), key=ms.get)
+        hand = [n for n in ms if n in HAND_PICKED]
+        best = min(ms[n] for n in hand)
+        best_name = min(hand, key=ms.get)
         for name, value in ms.items():
-            label = f"auto (chose {row['auto_choice']})" if name == "auto" else name
+            label = {"auto": f"auto (chose {row['auto_choice']})", NO_GUARD: f"{NO_GUARD} (same wrapper)"}.get(
+                name, name
+            )
             mark = " (best)" if name == best_name else ""
-            lines.append(f"| {scenario} | {label} | {value:.2f} | {1000 / value:.1f} | {best / value:.3f}x{mark} |")
+            low, high = row["spread"][name]
+            lines.append(f"| {scenario} | {label} | {value:.2f} ({low:.2f}-{high:.2f}) | {1000 / value:.1f} | "
+                         f"{best / value:.3f}x{mark} |")  # fmt: skip
+        median, low, high = row["guard"]
+        what = "guard" if row["auto_choice"] == "ignore" else "step counter (nothing left out: no guard)"
+        lines.append(f"| {scenario} | {what}: auto vs {NO_GUARD}, paired per round | {median:+.2f}% "
+                     f"({low:+.2f}% to {high:+.2f}%) | | |")  # fmt: skip
         chosen = ms["auto"]
         lines.append(f"| {scenario} | probe cost | {row['probe_s'] * 1000:.1f} ms | | "
                      f"{row['probe_s'] * 1000 / chosen:.2f} training steps |")  # fmt: skip
     lines.append("")
     lines.append("vs best hand-picked: steps/s of the setting divided by steps/s of the fastest of strict, find, "
-                 "static, ignore (1.000x = as fast; below 1 = slower).")  # fmt: skip
+                 "static, ignore (1.000x = as fast; below 1 = slower). The guard's cost: step time of auto over "
+                 "the same wrapper without the guard's hooks, per round, in percent (median, quartiles).")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -159,3 +160,28 @@ def test_memory_lowmem_reaches_train_dataloader(workdir):
         (run_dir / "work_dir").glob("*.py")
     )
     assert "batch_size=1" in config.read_text().replace(" ", "")
+
+
+@mmdet
+@pytest.mark.slow
+def test_a_users_head_that_the_probe_missed_is_kept_in_sync(workdir):
+    # my_pkg's own detector (custom_imports): an auxiliary head whose loss joins from training iteration 3 on.
+    config = Path(__file__).parent / "my_pkg" / "retinanet_late_aux.py"
+    proc = train(workdir, *SMALL, "framework.max_iters=4", f"framework.config={config}",
+                 "framework.synthetic_data=true", timeout=400)  # fmt: skip
+    assert proc.returncode == 0, output(proc)  # and run() compared every rank's parameter digests
+    assert "ddp=auto chose ignore: the same 2 parameters got no gradient" in proc.stdout
+    assert "2 parameter(s) left out of DDP got a gradient in training step 3, on 2 of 2 ranks" in proc.stdout
+    assert "aux_head: aux_head.weight, aux_head.bias" in proc.stdout
+    assert re.search(r"Iter\(train\) \[4/4\].*loss_aux", proc.stdout), "mmengine logged the head's loss"
+
+
+@mmdet
+@pytest.mark.slow
+def test_a_used_head_named_in_ignore_is_kept_in_sync(workdir):
+    proc = train(workdir, *SMALL, "ddp=ignore", "ddp.ignore=[bbox_head.retina_cls]", timeout=400)
+    assert proc.returncode == 0, output(proc)
+    assert "left out of DDP got a gradient in training step 1, on 2 of 2 ranks (they are named in ddp.ignore)" in (
+        proc.stdout
+    )
+    assert "bbox_head.retina_cls: bbox_head.retina_cls.weight, bbox_head.retina_cls.bias" in proc.stdout

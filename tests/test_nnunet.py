@@ -187,3 +187,18 @@ def test_memory_batch_size_becomes_the_plan_s_global_batch(trained, workdir):
                  env=own_data_env(trained[1]))  # fmt: skip
     assert proc.returncode == 0, output(proc)
     assert "'batch_size': 2" in proc.stdout  # nnU-Net prints its plan: 1 per process x 2 ranks
+
+
+@nnunet
+@pytest.mark.slow
+def test_a_used_seg_layer_named_in_ignore_is_kept_in_sync(trained, workdir):
+    # All seg layers named, with deep supervision off: the coarser three are unused, the last one is the output.
+    proc = train(workdir, "framework=nnunet", "framework.dataset=1", "framework.deep_supervision=false", "ddp=ignore",
+                 "ddp.ignore=[decoder.seg_layers]", env=own_data_env(trained[1]))  # fmt: skip
+    assert proc.returncode == 0, output(proc)  # and run() compared every rank's parameter digests
+    [run_dir] = run_dirs(workdir)
+    assert "ignored=8" in (run_dir / "rank1.log").read_text()
+    assert "left out of DDP got a gradient in training step 1, on 2 of 2 ranks (they are named in ddp.ignore)" in (
+        proc.stdout
+    )
+    assert "decoder.seg_layers.3: decoder.seg_layers.3.weight, decoder.seg_layers.3.bias" in proc.stdout
