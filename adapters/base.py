@@ -80,11 +80,13 @@ def policy_notes(policy: DDPPolicy) -> tuple[str, ...]:
     """Why-lines every adapter shows for the run-time choices."""
     if policy.unused_params is UnusedParams.auto:
         return ("ddp=auto: a probe of ddp.probe_steps forward/backward steps on every rank decides in each run: "
-                "strict (nothing added), ignore (DDP leaves the never-used parameters out) or "
-                "find_unused_parameters=True; the choice and its reason are logged.",)  # fmt: skip
+                "strict (nothing added), ignore (DDP leaves the never-used parameters out, guarded in case a later "
+                "step uses them) or find_unused_parameters=True; the choice and its reason are logged.",)  # fmt: skip
     if policy.unused_params is UnusedParams.ignore:
         source = f"ddp.ignore={list(policy.ignore)}" if policy.ignore else "the probe (parameters no rank uses)"
-        return (f"ddp=ignore: DDP leaves out the parameters named by {source}; their gradients stay None.",)
+        return (f"ddp=ignore: DDP leaves out the parameters named by {source}. If one does get a gradient on "
+                "some rank, it is averaged across ranks before the optimizer step (ddp.on_ignored_grad=sync) or the "
+                "run stops (fail).",)  # fmt: skip
     return ()
 
 

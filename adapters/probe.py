@@ -77,7 +77,7 @@ class ProbeResult:
             lines.append("Every parameter got a gradient in every step on every rank.")
         for title, names, note in (
             ("Unused in every step on every rank", self.never_used,
-             "their gradients stay None: optimizers and weight decay leave them untouched"),
+             "while unused their gradients stay None: optimizers and weight decay leave them untouched"),
             ("Unused in some steps or on some ranks", self.sometimes_unused,
              "with find_unused_parameters=True a rank that did not use one averages in zeros for it"),
         ):  # fmt: skip

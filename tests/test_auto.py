@@ -97,7 +97,7 @@ def test_doctor_reports_without_training(workdir):
     proc = run([sys.executable, "-m", "adapters", "doctor", *USER, "+framework.model.unused=aux"], workdir)
     assert proc.returncode == 0, output(proc)
     out = proc.stdout
-    assert "Unused in every step on every rank (5; their gradients stay None" in out
+    assert "Unused in every step on every rank (5; while unused their gradients stay None" in out
     assert "aux.proj (ranks 0, 1): aux.proj.weight, aux.proj.bias" in out
     assert "aux_tied (ranks 0, 1): aux_tied.bias" in out
     assert "Recommended: ddp=ignore" in out

@@ -163,7 +163,7 @@ def test_doctor_names_the_decoder_seg_layers(trained, workdir):
         cwd=workdir, env={**ENV, **own_data_env(trained[1])}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "Unused in every step on every rank (6; their gradients stay None" in proc.stdout
+    assert "Unused in every step on every rank (6; while unused their gradients stay None" in proc.stdout
     for line in SEG_LAYERS:
         assert line in proc.stdout
     assert "Recommended: ddp=ignore" in proc.stdout

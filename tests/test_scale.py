@@ -14,7 +14,7 @@ import pytest
 from adapters import launch
 from adapters.config import conf_dir
 
-from conftest import ENV, TRAIN, output, run_dirs, train
+from conftest import ENV, TRAIN, assert_replicas_equal, output, run_dirs, train
 
 pytestmark = pytest.mark.slow
 PRESETS = sorted(p.stem for p in (conf_dir() / "ddp").glob("*.yaml"))
@@ -45,6 +45,7 @@ def test_two_nodes_through_the_rendezvous_train_with_each_preset(workdir, preset
     assert sum("step 4/4" in o for o in outs) == 1, "progress from global rank 0 only"
     [run_dir] = run_dirs(workdir)  # one folder for the run, on both "nodes"
     assert (run_dir / ".hydra").is_dir() and {p.name for p in run_dir.glob("rank*.log")} == {"rank0.log", "rank1.log"}
+    assert_replicas_equal(run_dir)
 
 
 def test_submitit_local_runs_each_task_as_a_rank(workdir):
@@ -59,6 +60,7 @@ def test_submitit_local_runs_each_task_as_a_rank(workdir):
     assert set(logs) == {"rank0.log", "rank1.log"}
     assert "step 4/4" in logs["rank0.log"] and "rank 1/2 on cpu" in logs["rank1.log"]
     assert (job / "model.pt").is_file()
+    assert_replicas_equal(job)
 
 
 FAKE_SBATCH = """#!/bin/sh
