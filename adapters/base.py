@@ -196,7 +196,7 @@ class WorkerContext:
             decided, _ = result.decision()
             self.log.info(result.summary_line())
             if decided is UnusedParams.find:
-                for line in result.report().splitlines()[1:-1]:
+                for line in result.unused_lines():
                     self.log.info(line)
                 return {"find_unused_parameters": True}
             if decided is UnusedParams.strict:

@@ -65,15 +65,30 @@ class ProbeResult:
         return [r for r in sorted(self.unused) if any(name in step for step in self.unused[r])]
 
     def report(self) -> str:
-        """The doctor report: unused parameters by module and rank, and the recommended preset."""
+        """The doctor report: unused parameters by module and rank, the recommended preset, and what the
+        probe cannot see."""
         choice, reason = self.decision()
         preset = {"strict": "ddp=strict", "ignore": "ddp=ignore (or ddp=static)", "find": "ddp=safe"}[choice.name]
         lines = [
             f"Probe: {self.steps} forward/backward steps on each of {self.world_size} rank(s), "
             f"{len(self.parameters)} trainable parameters, {self.seconds:.2f} s "
             f"({self.step_seconds:.3f} s per step).",
+            *self.unused_lines(),
+            f"Recommended: {preset}, because {reason}. ddp=auto picks it by itself.",
+            f"What the probe cannot see: only these {self.steps} steps run, on the first batches. A branch used "
+            "later (every k-th step, at random like LayerDrop or a rarely routed expert, after a warm-up) looks "
+            "unused here, and a model's own Python state (a step counter) is not rewound after the probe. Where "
+            "parameters are left out of DDP and a later step does use them, the guard averages their gradients "
+            "across ranks before the optimizer step and says so once (ddp.on_ignored_grad=fail stops instead); "
+            "the run's end compares every rank's parameters. Make it explicit with ddp=safe, or see more with a "
+            "larger ddp.probe_steps.",
         ]
-        if choice is UnusedParams.strict:
+        return "\n".join(lines)
+
+    def unused_lines(self) -> list[str]:
+        """The parameters that got no gradient, by module and rank (or that every one did)."""
+        lines = []
+        if self.decision()[0] is UnusedParams.strict:
             lines.append("Every parameter got a gradient in every step on every rank.")
         for title, names, note in (
             ("Unused in every step on every rank", self.never_used,
@@ -88,17 +103,7 @@ class ProbeResult:
                 ranks = sorted({r for leaf in leaves for r in self.ranks_unused(leaf)})
                 on = "rank " if len(ranks) == 1 else "ranks "
                 lines.append(f"  {module} ({on}{', '.join(map(str, ranks))}): {', '.join(leaves)}")
-        lines.append(f"Recommended: {preset}, because {reason}. ddp=auto picks it by itself.")
-        lines.append(
-            f"What the probe cannot see: only these {self.steps} steps run, on the first batches. A branch used "
-            "later (every k-th step, at random like LayerDrop or a rarely routed expert, after a warm-up) looks "
-            "unused here, and a model's own Python state (a step counter) is not rewound after the probe. Where "
-            "parameters are left out of DDP and a later step does use them, the guard averages their gradients "
-            "across ranks before the optimizer step and says so once (ddp.on_ignored_grad=fail stops instead); "
-            "the run's end compares every rank's parameters. Make it explicit with ddp=safe, or see more with a "
-            "larger ddp.probe_steps."
-        )
-        return "\n".join(lines)
+        return lines
 
     def summary_line(self) -> str:
         choice, reason = self.decision()

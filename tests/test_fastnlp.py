@@ -103,3 +103,15 @@ def test_memory_batch_size_reaches_the_dataloader(workdir):
     proc = train(workdir, "framework=fastnlp", "framework.n_epochs=1", "memory.batch_size=8")
     assert proc.returncode == 0, output(proc)
     assert "finished: epochs=1, batches=16" in proc.stdout  # 256 samples / 2 ranks / 8
+
+
+@fastnlp
+@pytest.mark.slow
+def test_a_used_head_named_in_ignore_is_kept_in_sync(workdir):
+    # fastNLP's Trainer runs its own loop and optimizer step; the guard acts inside backward, before it.
+    proc = train(workdir, "framework=fastnlp", "framework.n_epochs=1", "ddp=ignore", "ddp.ignore=[head]")
+    assert proc.returncode == 0, output(proc)  # and run() compared every rank's parameter digests
+    assert "left out of DDP got a gradient in training step 1, on 2 of 2 ranks (they are named in ddp.ignore)" in (
+        proc.stdout
+    )
+    assert "head: head.weight, head.bias" in proc.stdout
