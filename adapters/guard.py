@@ -11,16 +11,27 @@ framework's training loop:
 
 * a gradient hook on each left-out parameter marks it as used on this rank (the hooks cost nothing while
   the parameters stay unused);
-* at the end of every backward pass that DDP synchronises (not inside ``no_sync``, so gradient
-  accumulation pays once per optimizer step), the ranks add up one small vector of flags: which left-out
-  parameters got a gradient anywhere. That is the guard's whole cost per step: one tiny all-reduce, on the
-  CPU (a gloo group of its own when the run uses nccl, so it never waits for the GPU);
+* at the end of every backward pass that DDP synchronises (not inside ``no_sync``, so with gradient
+  accumulation it acts once per optimizer step), the ranks learn which left-out parameters got a gradient
+  anywhere: a small vector of flags, summed over ranks;
 * when any did, their gradients are averaged across ranks the way DDP averages (a rank that did not use one
   contributes zeros), before anything reads them: gradient clipping (nnU-Net clips before its optimizer
   step), GradScaler's unscale and inf check (which decides whether the step is taken at all), and the
   optimizer step. An optimizer pre-step hook would come too late for the first two. Rank 0 logs once per
   parameter which ones, in which step, and the override that makes the choice explicit;
 * with ``ddp.on_ignored_grad=fail`` every rank stops instead, in the same place: before the optimizer step.
+
+How the flags travel costs the guard almost everything it costs, so there are two ways:
+
+* ``piggyback`` (gloo): the flags ride on DDP's own reduction. A DDP communication hook reduces every bucket
+  as DDP's default does, except the last one, whose reduction it starts at the end of backward (when that
+  bucket would be complete anyway) with the flags appended. No collective is added; this matters on CPUs,
+  where one small gloo collective costs as much as a few percent of a step. DDP starts its own end of
+  backward after this one (it queues it after reducing the last bucket), and only then waits for buckets.
+* ``collective`` (nccl, or where the model already has a communication hook): one small all-reduce of the
+  flags at the end of backward, on the CPU, in a gloo group of its own: reading flags that rode on a GPU
+  bucket would make the CPU wait for the GPU at every step, where this waits only for the other ranks'
+  CPUs, which run ahead of their GPUs.
 
 Left-out parameters are also broadcast from rank 0 once, when the guard is installed, as DDP does for every
 parameter it keeps: otherwise a model initialised differently on each rank would stay different there.
@@ -71,7 +82,11 @@ class StepCounter:
 
 
 class IgnoredGradGuard:
-    """Installed on a DDP wrapper whose ignore list holds ``names`` (reducer names of the inner module)."""
+    """Installed on a DDP wrapper whose ignore list holds ``names`` (reducer names of the inner module).
+
+    ``exchange``: ``piggyback`` or ``collective`` (see the module's docstring); None picks piggyback on gloo
+    when DDP takes a communication hook, else collective. ``flag_group``: the CPU group for ``collective``.
+    """
 
     def __init__(
         self,
@@ -84,6 +99,7 @@ class IgnoredGradGuard:
         advice: str,
         log: logging.Logger,
         flag_group: Any = None,
+        exchange: str | None = None,
     ):
         import torch
         import torch.distributed as dist
@@ -94,36 +110,89 @@ class IgnoredGradGuard:
         self.params = [by_name[n] for n in self.names]
         self.counter = counter
         self.on_grad = on_grad
-        self.why = why  # who left them out, e.g. "ddp=auto's probe (2 steps) saw them unused"
+        self.why = why  # who left them out, e.g. "they are named in ddp.ignore"
         self.advice = advice  # the overrides that make the choice explicit
         self.log = log
         self.process_group = getattr(ddp, "process_group", None)
-        self.flag_group = flag_group  # CPU (gloo) group for the flags; None: the default group
+        self.flag_group = flag_group
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.dirty: set[int] = set()
         self.reported: set[str] = set()
-        self.synced_steps: list[int] = []  # steps in which gradients were averaged (for tests and summaries)
+        self.synced_steps: list[int] = []  # steps in which gradients were averaged
         self._queued = False
+        self._pending: Any = None  # piggyback: (the last bucket's buffer, the future DDP waits for)
         self._handles: list[Any] = []
         for index, param in enumerate(self.params):
             self._handles.append(param.register_post_accumulate_grad_hook(self._marker(index)))
-        ignored = {id(p) for p in self.params}
-        kept = [p for p in module.parameters() if p.requires_grad and id(p) not in ignored]
-        # Any parameter DDP reduces gets a gradient in every synchronised backward (DDP stops the run
-        # otherwise, since nothing here finds unused parameters), so one of them tells that a backward ran.
-        # Two, for a model whose first parameter is unusual; the hook queues the check only once.
-        for param in kept[:1] + kept[-1:]:
-            self._handles.append(param.register_post_accumulate_grad_hook(self._backward_running))
         with torch.no_grad():
             for param in self.params:
                 dist.broadcast(param.data, 0, group=self.process_group)
+        if exchange is None:
+            gloo = dist.get_backend(self.process_group) == "gloo"
+            exchange = "piggyback" if gloo and self._hook_into(ddp) else "collective"
+        elif exchange == "piggyback" and not self._hook_into(ddp):
+            raise RuntimeError("the DDP wrapper already has a communication hook")
+        self.exchange = exchange
+        if exchange == "collective":
+            ignored = {id(p) for p in self.params}
+            kept = [p for p in module.parameters() if p.requires_grad and id(p) not in ignored]
+            # Every parameter DDP reduces gets a gradient in every synchronised backward (DDP stops the run
+            # otherwise: nothing here finds unused parameters), so one of them tells that a backward runs.
+            # Two, in case one is unusual; the check is queued once per backward.
+            for param in kept[:1] + kept[-1:]:
+                self._handles.append(param.register_post_accumulate_grad_hook(self._backward_running))
 
     def _marker(self, index: int) -> Callable[[Any], None]:
         def mark(_: Any) -> None:
             self.dirty.add(index)
 
         return mark
+
+    def _take_flags(self, dtype: Any = None) -> Any:
+        import torch
+
+        flags = torch.zeros(len(self.params), dtype=dtype or torch.int32)
+        if self.dirty:
+            flags[sorted(self.dirty)] = 1
+            self.dirty.clear()
+        return flags
+
+    # --- piggyback: the flags ride on DDP's last bucket ----------------------------------------------
+
+    def _hook_into(self, ddp: Any) -> bool:
+        try:
+            ddp.register_comm_hook(None, self._comm_hook)
+        except RuntimeError:  # the model already has one (DDP takes only one)
+            return False
+        return True
+
+    def _comm_hook(self, state, bucket):  # DDP checks the names and annotations of a hook's arguments
+        """DDP's default reduction for every bucket, but the last, which waits for the end of backward."""
+        import torch
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        if not bucket.is_last():
+            return allreduce_hook(self.process_group, bucket)
+        future: Any = torch.futures.Future()
+        self._pending = (bucket.buffer(), future)
+        # Queued now, before DDP queues its own end of backward (which waits for this future).
+        torch.autograd.Variable._execution_engine.queue_callback(self._after_backward_piggyback)
+        return future
+
+    def _after_backward_piggyback(self) -> None:
+        import torch
+        import torch.distributed as dist
+
+        buffer, future = self._pending
+        self._pending = None
+        size = buffer.numel()
+        combined = torch.cat([buffer.div_(self.world_size), self._take_flags(buffer.dtype).to(buffer.device)])
+        dist.all_reduce(combined, group=self.process_group)
+        future.set_result(combined[:size])  # DDP copies it into the bucket's gradients
+        self._act(combined[size:].to("cpu", torch.int32))
+
+    # --- collective: one small all-reduce of the flags -------------------------------------------------
 
     def _backward_running(self, _: Any) -> None:
         if self._queued:
@@ -135,17 +204,19 @@ class IgnoredGradGuard:
 
     def _after_backward(self) -> None:
         """Runs once at the end of each backward pass, on every rank."""
-        import torch
         import torch.distributed as dist
 
         self._queued = False
         if not self.counter.syncing:  # inside no_sync: DDP does not reduce either; flags keep accumulating
             return
-        flags = torch.zeros(len(self.params), dtype=torch.int32)
-        if self.dirty:
-            flags[sorted(self.dirty)] = 1
-            self.dirty.clear()
+        flags = self._take_flags()
         dist.all_reduce(flags, group=self.flag_group)
+        self._act(flags)
+
+    # --- both ---------------------------------------------------------------------------------------
+
+    def _act(self, flags: Any) -> None:
+        """``flags[i]``: on how many ranks left-out parameter i got a gradient since the last reduction."""
         if not bool(flags.any()):
             return
         used = flags.nonzero().flatten().tolist()

@@ -178,7 +178,8 @@ class Branchy(nn.Module):
         return out + self.aux(h).pow(2).mean() if use_aux else out
 
 
-def _train(rank: int, ddp_kwargs: dict, guarded: bool, scaler: bool, on_grad: str = "sync") -> dict:
+def _train(rank: int, ddp_kwargs: dict, guarded: bool, scaler: bool, on_grad: str = "sync",
+           exchange: str | None = None) -> dict:  # fmt: skip
     """6 optimizer steps of 2 micro-batches each (the first under no_sync), clipping, optionally a GradScaler;
     aux is used on rank 1 only, in some micro-batches."""
     from adapters.guard import IgnoredGradGuard, StepCounter
@@ -194,7 +195,7 @@ def _train(rank: int, ddp_kwargs: dict, guarded: bool, scaler: bool, on_grad: st
         import logging
 
         IgnoredGradGuard(ddp, ["aux.weight", "aux.bias"], StepCounter(ddp), on_grad=OnIgnoredGrad[on_grad],
-                         why="test", advice="test", log=logging.getLogger("test"))  # fmt: skip
+                         why="test", advice="test", log=logging.getLogger("test"), exchange=exchange)  # fmt: skip
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     grad_scaler = torch.amp.GradScaler("cpu", init_scale=256.0) if scaler else None
     g = torch.Generator().manual_seed(rank)
@@ -218,16 +219,16 @@ def _train(rank: int, ddp_kwargs: dict, guarded: bool, scaler: bool, on_grad: st
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}  # plain arrays cross processes
 
 
-def _worker(rank: int, port: int, scaler: bool, results) -> None:
+def _worker(rank: int, port: int, scaler: bool, exchange: str, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         reference = _train(rank, {"find_unused_parameters": True}, guarded=False, scaler=scaler)
-        guarded = _train(rank, {}, guarded=True, scaler=scaler)
+        guarded = _train(rank, {}, guarded=True, scaler=scaler, exchange=exchange)
         failed = None
         try:
-            _train(rank, {}, guarded=True, scaler=scaler, on_grad="fail")
+            _train(rank, {}, guarded=True, scaler=scaler, on_grad="fail", exchange=exchange)
         except RuntimeError as exc:
             failed = str(exc)
         results.put((rank, reference, guarded, failed))
@@ -237,10 +238,13 @@ def _worker(rank: int, port: int, scaler: bool, results) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("exchange", ["piggyback", "collective"])
 @pytest.mark.parametrize("scaler", [False, True], ids=["plain", "GradScaler"])
-def test_guard_averages_like_ddp_with_accumulation_and_clipping(scaler):
+def test_guard_averages_like_ddp_with_accumulation_and_clipping(scaler, exchange):
+    # piggyback: the flags ride on DDP's last bucket (gloo's way); collective: one all-reduce (nccl's way).
     results = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_worker, args=(free_port("127.0.0.1"), scaler, results), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port("127.0.0.1"), scaler, exchange, results), nprocs=2,
+                       start_method="spawn")  # fmt: skip
     got = {}
     for _ in range(2):
         rank, reference, guarded, failed = results.get()
