@@ -15,7 +15,7 @@ drift on the machine falls on all of them alike. The table gives each setting's 
 spread of its blocks (25th to 75th percentile), its ratio to the best hand-picked setting (the fastest of
 strict, find, static and ignore that works), the guard's cost, and the probe's cost in training steps.
 
-    python benchmarks/ddp_policies.py [--rounds 40] [--steps 10] [--layers 96] [--width 64]
+    python benchmarks/ddp_policies.py [--rounds 60] [--steps 10] [--layers 96] [--width 64]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 NO_GUARD = "auto, no guard"
+COLLECTIVE = "auto, guard by collective"
 HAND_PICKED = {"strict": {}, "find": {"find_unused_parameters": True}, "static": {"static_graph": True},
                "ignore": None}  # fmt: skip
 
@@ -93,6 +94,15 @@ def _auto(net, inputs, rank: int, world: int, cuda: bool, device) -> tuple[Any, 
     return ctx, decided or {}, ctx.probe_result.seconds, ctx.probe_result.decision()[0].name
 
 
+def _collective_guard(ddp, ctx) -> None:
+    """The guard as nccl runs have it: its flags in one small all-reduce of their own (on gloo, auto's guard
+    lets them ride on DDP's last bucket instead)."""
+    from adapters.guard import IgnoredGradGuard, StepCounter
+
+    IgnoredGradGuard(ddp, ctx.left_out, StepCounter(ddp), on_grad=ctx.policy.on_ignored_grad, why="", advice="",
+                     log=ctx.log, exchange="collective")  # fmt: skip
+
+
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -> None:
     import torch
     import torch.distributed as dist
@@ -113,19 +123,21 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
     results = {}
     for scenario, unused_head in (("deep MLP, all used", False), ("deep MLP + unused head", True)):
         models, probe_seconds, auto_choice = {}, 0.0, ""
-        for name in [*HAND_PICKED, "auto", NO_GUARD]:
-            if name == "strict" and unused_head:
+        for name in [*HAND_PICKED, "auto", NO_GUARD, COLLECTIVE]:
+            if (name == "strict" and unused_head) or (name == COLLECTIVE and not unused_head):
                 continue
             torch.manual_seed(0)
             net = _model(args.layers, args.width, unused_head).to(device)
             kwargs, ctx = HAND_PICKED.get(name) or {}, None
             if name == "ignore" and unused_head:
                 set_ignored(net, [n for n, _ in net.named_parameters() if n.startswith("aux_head.")])
-            if name in ("auto", NO_GUARD):
+            if name in ("auto", NO_GUARD, COLLECTIVE):
                 ctx, kwargs, probe_seconds, auto_choice = _auto(net, inputs, rank, world, cuda, device)
             ddp = DistributedDataParallel(net, device_ids=[rank] if cuda else None, **kwargs)
             if name == "auto":
                 ctx.track_ddp(ddp)
+            if name == COLLECTIVE:
+                _collective_guard(ddp, ctx)
             models[name] = (ddp, torch.optim.SGD(ddp.parameters(), lr=1e-3))
         names = list(models)
         for name in names:  # warm up every wrapper (static_graph records its graph in step 1)
@@ -137,6 +149,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
         results[scenario] = {"ms": {n: statistics.median(t) * 1000 for n, t in times.items()},
                              "spread": {n: _quartiles(t) for n, t in times.items()},
                              "guard": _paired_cost(times["auto"], times[NO_GUARD]),
+                             "collective": _paired_cost(times[COLLECTIVE], times[NO_GUARD]) if unused_head else None,
                              "probe_s": probe_seconds, "auto_choice": auto_choice}  # fmt: skip
         models.clear()
     if rank == 0:
@@ -172,17 +185,20 @@ def table(results: dict, args: argparse.Namespace) -> str:
         best = min(ms[n] for n in hand)
         best_name = min(hand, key=ms.get)
         for name, value in ms.items():
-            label = {"auto": f"auto (chose {row['auto_choice']})", NO_GUARD: f"{NO_GUARD} (same wrapper)"}.get(
-                name, name
-            )
+            label = {"auto": f"auto (chose {row['auto_choice']})", NO_GUARD: f"{NO_GUARD} (same wrapper)",
+                     COLLECTIVE: f"{COLLECTIVE} (as on nccl)"}.get(name, name)  # fmt: skip
             mark = " (best)" if name == best_name else ""
             low, high = row["spread"][name]
             lines.append(f"| {scenario} | {label} | {value:.2f} ({low:.2f}-{high:.2f}) | {1000 / value:.1f} | "
                          f"{best / value:.3f}x{mark} |")  # fmt: skip
         median, low, high = row["guard"]
         what = "guard" if row["auto_choice"] == "ignore" else "step counter (nothing left out: no guard)"
-        lines.append(f"| {scenario} | {what}: auto vs {NO_GUARD}, paired per round | {median:+.2f}% "
+        lines.append(f"| {scenario} | cost of the {what}: auto vs {NO_GUARD}, paired per round | {median:+.2f}% "
                      f"({low:+.2f}% to {high:+.2f}%) | | |")  # fmt: skip
+        if row["collective"]:
+            median, low, high = row["collective"]
+            lines.append(f"| {scenario} | cost of the guard by collective, paired per round | {median:+.2f}% "
+                         f"({low:+.2f}% to {high:+.2f}%) | | |")  # fmt: skip
         chosen = ms["auto"]
         lines.append(f"| {scenario} | probe cost | {row['probe_s'] * 1000:.1f} ms | | "
                      f"{row['probe_s'] * 1000 / chosen:.2f} training steps |")  # fmt: skip
@@ -195,7 +211,7 @@ def table(results: dict, args: argparse.Namespace) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--steps", type=int, default=10, help="steps per timed block")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--layers", type=int, default=96)
