@@ -164,16 +164,21 @@ def test_memory_lowmem_reaches_train_dataloader(workdir):
 
 @mmdet
 @pytest.mark.slow
-def test_a_users_head_that_the_probe_missed_is_kept_in_sync(workdir):
-    # my_pkg's own detector (custom_imports): an auxiliary head whose loss joins from training iteration 3 on.
-    config = Path(__file__).parent / "my_pkg" / "retinanet_late_aux.py"
+@pytest.mark.parametrize("config,step,ranks", [("retinanet_late_aux.py", 3, "2 of 2"),
+                                               ("retinanet_random_aux.py", 1, "1 of 2")])  # fmt: skip
+def test_a_users_head_that_the_probe_missed_is_kept_in_sync(workdir, config, step, ranks):
+    # my_pkg's own detector (custom_imports): an auxiliary head, its output weight tied to a second module,
+    # unused in the probe's steps and used later: from iteration 3 on, or at random (seeded per rank).
+    config = Path(__file__).parent / "my_pkg" / config
     proc = train(workdir, *SMALL, "framework.max_iters=4", f"framework.config={config}",
                  "framework.synthetic_data=true", timeout=400)  # fmt: skip
     assert proc.returncode == 0, output(proc)  # and run() compared every rank's parameter digests
-    assert "ddp=auto chose ignore: the same 2 parameters got no gradient" in proc.stdout
-    assert "2 parameter(s) left out of DDP got a gradient in training step 3, on 2 of 2 ranks" in proc.stdout
-    assert "aux_head: aux_head.weight, aux_head.bias" in proc.stdout
-    assert re.search(r"Iter\(train\) \[4/4\].*loss_aux", proc.stdout), "mmengine logged the head's loss"
+    assert "ddp=auto chose ignore: the same 5 parameters got no gradient" in proc.stdout
+    [run_dir] = run_dirs(workdir)
+    assert "ignored=6" in (run_dir / "rank1.log").read_text(), "the tied weight is left out under both names"
+    assert f"4 parameter(s) left out of DDP got a gradient in training step {step}, on {ranks} ranks" in proc.stdout
+    assert "aux_head.0: aux_head.0.weight, aux_head.0.bias" in proc.stdout
+    assert re.search(r"Iter\(train\) \[\d/4\].*loss_aux", proc.stdout), "mmengine logged the head's loss"
 
 
 @mmdet
