@@ -126,6 +126,7 @@ class WorkerContext:
     probe_result: Any = None
     # Parameters this run left out of DDP (reducer names), and why: the guard watches them.
     left_out: list[str] = field(default_factory=list)
+    left_out_spellings: list[str] = field(default_factory=list)  # as added to the module's DDP ignore list
     left_out_why: str = ""
     left_out_advice: str = ""
     steps: Any = None  # guard.StepCounter on the current DDP wrapper
@@ -208,7 +209,7 @@ class WorkerContext:
             self.log.info("%d parameters are unused in every step; this framework wraps its own module, so they are "
                           "handled with static_graph=True", len(names))  # fmt: skip
             return {"static_graph": True}
-        set_ignored(module, names)
+        self.left_out_spellings = set_ignored(module, names)
         self.left_out = list(names)
         for module_name, leaves in group_by_module(names).items():
             self.log.info("DDP leaves out %s: %s", module_name, ", ".join(leaves))
@@ -286,16 +287,21 @@ class WorkerContext:
         if self.backend is not Backend.nccl:
             return None
         if self._flag_group is None:
+            from datetime import timedelta
+
             import torch.distributed as dist
 
-            self._flag_group = dist.new_group(backend="gloo")
+            # The same patience as the main group (ddp.timeout_s); gloo must reach the other nodes too
+            # (GLOO_SOCKET_IFNAME names the interface where hostnames do not resolve to it).
+            timeout = {"timeout": timedelta(seconds=self.policy.timeout_s)} if self.policy.timeout_s else {}
+            self._flag_group = dist.new_group(backend="gloo", **timeout)
         return self._flag_group
 
     def check_replicas(self, when: str) -> None:
         """Every rank compares its parameters with rank 0's; raises ReplicasDiffer on every rank if they differ."""
         from .replicas import ReplicasDiffer, buffers_note, compare, failure_message
 
-        report = compare(self.ddp_model.module, left_out_by_us=self.left_out,
+        report = compare(self.ddp_model.module, left_out_by_us=self.left_out_spellings,
                          group=getattr(self.ddp_model, "process_group", None))  # fmt: skip
         if not report.equal:
             raise ReplicasDiffer(failure_message(report, when), list(report.params_differ))
@@ -314,10 +320,19 @@ class WorkerContext:
 
         every = self.policy.check_replicas_every
         count = [0]
+        steps_model: dict[int, bool] = {}  # optimizer -> whether it holds the model's parameters
 
-        def after_step(*_: Any) -> None:
+        def after_step(optimizer: Any, *_: Any) -> None:
+            # Only optimizers of the model count: one stepped on some ranks only must not start a collective.
+            if self.ddp_model is None:
+                return
+            if id(optimizer) not in steps_model:
+                mine = {id(p) for p in self.ddp_model.module.parameters()}
+                steps_model[id(optimizer)] = any(id(p) in mine for g in optimizer.param_groups for p in g["params"])
+            if not steps_model[id(optimizer)]:
+                return
             count[0] += 1
-            if count[0] % every == 0 and self.ddp_model is not None:
+            if count[0] % every == 0:
                 self.check_replicas(f"after optimizer step {count[0]}")
 
         self._every_steps_hook = register_optimizer_step_post_hook(after_step)

@@ -40,9 +40,11 @@ parameter it keeps: otherwise a model initialised differently on each rank would
 from __future__ import annotations
 
 import logging
+import weakref
+from dataclasses import dataclass
 from typing import Any, Callable
 
-from .diagnose import group_by_module
+from .diagnose import group_by_module, reducer_parameter_names
 from .policy import OnIgnoredGrad
 
 
@@ -59,21 +61,25 @@ class StepCounter:
     """Counts the training steps DDP synchronises, from a forward pre-hook on the DDP wrapper.
 
     A step counts when its forward runs with gradients enabled outside ``no_sync``: DDP decides at forward
-    time whether the following backward reduces gradients, and so does the guard.
+    time whether the following backward reduces gradients, and so does the guard. It holds the wrapper
+    weakly: a replaced wrapper must be freed at once, or its reducer's hooks would fire in later backwards.
     """
 
     def __init__(self, ddp: Any, start: int = 0):
-        self.ddp = ddp
+        self._ddp = weakref.ref(ddp)
         self.steps = start  # synchronised forwards so far
+        self.forwards = 0  # forwards with gradients enabled (synchronised or not)
         self.syncing = False  # whether the latest forward's backward is synchronised
         self._handle = ddp.register_forward_pre_hook(self._forward)
 
     def _forward(self, *_: Any) -> None:
         import torch
 
-        if not torch.is_grad_enabled():  # an evaluation forward: DDP prepares no backward for it
+        ddp = self._ddp()
+        if ddp is None or not torch.is_grad_enabled():  # an evaluation forward: DDP prepares no backward
             return
-        self.syncing = self.ddp.require_backward_grad_sync
+        self.forwards += 1
+        self.syncing = ddp.require_backward_grad_sync
         if self.syncing:
             self.steps += 1
 
@@ -81,11 +87,47 @@ class StepCounter:
         self._handle.remove()
 
 
+@dataclass
+class _HookState:
+    """What the DDP communication hook holds: the guard only weakly (see StepCounter), and the group."""
+
+    guard: Any  # weakref.ref to the IgnoredGradGuard
+    process_group: Any
+
+
+def _piggyback_hook(state, bucket):  # DDP checks a hook's argument names and annotations: leave them so
+    """DDP's default reduction for every bucket but the last, whose reduction waits for the end of backward."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    guard = state.guard()
+    if guard is None or guard.removed or not bucket.is_last():
+        return allreduce_hook(state.process_group, bucket)
+    return guard._defer(bucket)
+
+
+def choose_exchange(ddp: Any) -> tuple[str, str]:
+    """``piggyback`` where the flags can ride on DDP's last bucket, else ``collective``; and why."""
+    import torch.distributed as dist
+
+    group = getattr(ddp, "process_group", None)
+    if dist.get_backend(group) != "gloo":
+        return "collective", "nccl: flags on a GPU bucket would make the CPU wait for the GPU at every step"
+    if getattr(ddp, "find_unused_parameters", False) or getattr(ddp, "static_graph", False):
+        return "collective", "DDP finds unused parameters or has a static graph: it reduces buckets its own way"
+    params = [p for p in ddp.module.parameters() if p.requires_grad]
+    if any(p.device.type != "cpu" for p in params):
+        return "collective", "the model is on a GPU while the backend is gloo"
+    if any(getattr(m, "sparse", False) is True for m in ddp.module.modules()):
+        return "collective", "the model has sparse gradients"
+    return "piggyback", "gloo: the flags ride on DDP's last bucket"
+
+
 class IgnoredGradGuard:
     """Installed on a DDP wrapper whose ignore list holds ``names`` (reducer names of the inner module).
 
-    ``exchange``: ``piggyback`` or ``collective`` (see the module's docstring); None picks piggyback on gloo
-    when DDP takes a communication hook, else collective. ``flag_group``: the CPU group for ``collective``.
+    ``exchange``: ``piggyback`` or ``collective`` (see the module's docstring); None chooses
+    (``choose_exchange``; a model that already has a communication hook gets ``collective``).
+    ``flag_group``: the CPU group for ``collective`` (None: the default group).
     """
 
     def __init__(
@@ -120,7 +162,8 @@ class IgnoredGradGuard:
         self.dirty: set[int] = set()
         self.reported: set[str] = set()
         self.synced_steps: list[int] = []  # steps in which gradients were averaged
-        self._queued = False
+        self.removed = False
+        self._queued_at = -1  # collective: the forward whose backward has its check queued
         self._pending: Any = None  # piggyback: (the last bucket's buffer, the future DDP waits for)
         self._handles: list[Any] = []
         for index, param in enumerate(self.params):
@@ -128,19 +171,20 @@ class IgnoredGradGuard:
         with torch.no_grad():
             for param in self.params:
                 dist.broadcast(param.data, 0, group=self.process_group)
-        if exchange is None:
-            gloo = dist.get_backend(self.process_group) == "gloo"
-            exchange = "piggyback" if gloo and self._hook_into(ddp) else "collective"
-        elif exchange == "piggyback" and not self._hook_into(ddp):
-            raise RuntimeError("the DDP wrapper already has a communication hook")
+        chosen, self.exchange_reason = choose_exchange(ddp)
+        exchange = exchange or chosen
+        if exchange == "piggyback" and not self._hook_into(ddp):
+            exchange, self.exchange_reason = "collective", "the model already has a DDP communication hook"
         self.exchange = exchange
         if exchange == "collective":
-            ignored = {id(p) for p in self.params}
-            kept = [p for p in module.parameters() if p.requires_grad and id(p) not in ignored]
-            # Every parameter DDP reduces gets a gradient in every synchronised backward (DDP stops the run
-            # otherwise: nothing here finds unused parameters), so one of them tells that a backward runs.
-            # Two, in case one is unusual; the check is queued once per backward.
-            for param in kept[:1] + kept[-1:]:
+            # A parameter DDP reduces tells that a backward runs. Without find_unused_parameters or a static
+            # graph every one of them gets a gradient in every synchronised backward (DDP stops the run
+            # otherwise), so two suffice; with them, any may be unused, so all of them are watched.
+            by_reducer = dict(module.named_parameters())
+            kept = [by_reducer[n] for n in reducer_parameter_names(module, getattr(ddp, "parameters_to_ignore", ()))]
+            if not (getattr(ddp, "find_unused_parameters", False) or getattr(ddp, "static_graph", False)):
+                kept = kept[:1] + kept[-1:]
+            for param in kept:
                 self._handles.append(param.register_post_accumulate_grad_hook(self._backward_running))
 
     def _marker(self, index: int) -> Callable[[Any], None]:
@@ -161,19 +205,19 @@ class IgnoredGradGuard:
     # --- piggyback: the flags ride on DDP's last bucket ----------------------------------------------
 
     def _hook_into(self, ddp: Any) -> bool:
+        state = _HookState(weakref.ref(self), self.process_group)
         try:
-            ddp.register_comm_hook(None, self._comm_hook)
+            ddp.register_comm_hook(state, _piggyback_hook)
         except RuntimeError:  # the model already has one (DDP takes only one)
+            hooks = getattr(ddp, "_comm_hooks", None)
+            if isinstance(hooks, list) and hooks and hooks[-1][0] is _piggyback_hook:
+                hooks.pop()  # DDP records the hook before its reducer refuses it
             return False
         return True
 
-    def _comm_hook(self, state, bucket):  # DDP checks the names and annotations of a hook's arguments
-        """DDP's default reduction for every bucket, but the last, which waits for the end of backward."""
+    def _defer(self, bucket: Any) -> Any:
         import torch
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-        if not bucket.is_last():
-            return allreduce_hook(self.process_group, bucket)
         future: Any = torch.futures.Future()
         self._pending = (bucket.buffer(), future)
         # Queued now, before DDP queues its own end of backward (which waits for this future).
@@ -187,27 +231,26 @@ class IgnoredGradGuard:
         buffer, future = self._pending
         self._pending = None
         size = buffer.numel()
-        combined = torch.cat([buffer.div_(self.world_size), self._take_flags(buffer.dtype).to(buffer.device)])
+        combined = torch.cat([buffer.div_(self.world_size), self._take_flags(buffer.dtype)])
         dist.all_reduce(combined, group=self.process_group)
         future.set_result(combined[:size])  # DDP copies it into the bucket's gradients
-        self._act(combined[size:].to("cpu", torch.int32))
+        self._act(combined[size:].to(torch.int32))
 
     # --- collective: one small all-reduce of the flags -------------------------------------------------
 
     def _backward_running(self, _: Any) -> None:
-        if self._queued:
+        if self._queued_at == self.counter.forwards:
             return
         import torch
 
-        self._queued = True
+        self._queued_at = self.counter.forwards  # once per backward; the next forward arms it again
         torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
 
     def _after_backward(self) -> None:
         """Runs once at the end of each backward pass, on every rank."""
         import torch.distributed as dist
 
-        self._queued = False
-        if not self.counter.syncing:  # inside no_sync: DDP does not reduce either; flags keep accumulating
+        if self.removed or not self.counter.syncing:  # no_sync: DDP does not reduce either; flags accumulate
             return
         flags = self._take_flags()
         dist.all_reduce(flags, group=self.flag_group)
@@ -271,6 +314,9 @@ class IgnoredGradGuard:
         return "\n".join(lines)
 
     def remove(self) -> None:
+        """Stop watching (the wrapper is being replaced). A communication hook cannot be taken off a DDP
+        wrapper; it holds the guard weakly and reduces as DDP's default does from now on."""
+        self.removed = True
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

@@ -124,8 +124,10 @@ def run_probe(
     names = reducer_parameter_names(module, ignored)
     by_name = dict(module.named_parameters(remove_duplicate=False))
     params = [by_name[n] for n in names]
+    # Every trainable parameter's gradient is cleared and put back, those DDP is told to ignore included.
+    trainable = [p for p in module.parameters() if p.requires_grad]
     state = {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items()}
-    saved_grads = [p.grad for p in params]
+    saved_grads = [p.grad for p in trainable]
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     was_training = module.training
@@ -134,13 +136,13 @@ def run_probe(
     started = time.perf_counter()
     try:
         for _ in range(steps):
-            for p in params:
+            for p in trainable:
                 p.grad = None
             step(next(batches))
             unused.append([n for n, p in zip(names, params, strict=True) if p.grad is None])
     finally:
         elapsed = time.perf_counter() - started
-        for p, g in zip(params, saved_grads, strict=True):
+        for p, g in zip(trainable, saved_grads, strict=True):
             p.grad = g
         module.load_state_dict(state)
         module.train(was_training)
@@ -200,13 +202,13 @@ def ignore_spellings(module: Any, names: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def set_ignored(module: Any, names: list[str]) -> None:
+def set_ignored(module: Any, names: list[str]) -> list[str]:
     """Tell DDP (before it wraps ``module``) to leave these parameters out of its reduction, under every name
-    it may look them up by, keeping whatever the model's own code already asked DDP to ignore."""
+    it may look them up by, keeping whatever the model's own code already asked DDP to ignore. Returns the
+    names added."""
     from torch.nn.parallel import DistributedDataParallel
 
     own = list(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
-    spelled = ignore_spellings(module, names)
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        module, own + [n for n in spelled if n not in own]
-    )
+    added = [n for n in ignore_spellings(module, names) if n not in own]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, own + added)
+    return added

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 from .diagnose import group_by_module
 
-_CHUNK = 1 << 24  # words per step of the fingerprint, to bound its temporary memory
+_CHUNK = 1 << 22  # words per step of the fingerprint: its temporaries stay near 128 MiB
 _MIX = 0x9E3779B1  # an odd constant (2**32 / golden ratio), for position weights
 
 
@@ -53,7 +53,12 @@ def fingerprint(tensor: Any) -> Any:
     """A 64-bit fingerprint of ``tensor``'s bytes, computed on its own device (a 0-dim int64 tensor)."""
     import torch
 
-    flat = tensor.detach().reshape(-1)
+    tensor = tensor.detach()
+    if tensor.layout != torch.strided:
+        tensor = tensor.to_dense()
+    if tensor.is_quantized:
+        tensor = tensor.int_repr()
+    flat = tensor.reshape(-1)
     if flat.dtype == torch.bool:
         flat = flat.to(torch.uint8)
     raw = flat.contiguous().view(torch.uint8)
@@ -86,9 +91,10 @@ def compare(module: Any, *, left_out_by_us: Iterable[str] = (), group: Any = Non
     ]
     skipped = [n for n, _, _ in entries if n in own or f".{n}" in own]
     entries = [e for e in entries if e[0] not in skipped]
-    device = next((t.device for _, t, _ in entries), torch.device("cpu"))
-    if dist.get_backend(group) == "gloo":
-        device = torch.device("cpu")
+    # The collective's device: the CPU for gloo, this rank's GPU for nccl (whatever device each tensor is on).
+    device = torch.device("cpu")
+    if dist.get_backend(group) != "gloo" and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
     mine = (
         torch.stack([fingerprint(t).to(device) for _, t, _ in entries])
         if entries

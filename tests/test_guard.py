@@ -256,3 +256,89 @@ def test_guard_averages_like_ddp_with_accumulation_and_clipping(scaler, exchange
     assert not (got[0][1]["aux.weight"] == Branchy().aux.weight.detach().numpy()).all(), "aux trained everywhere"
     for rank in (0, 1):
         assert "left out of DDP got a gradient in training step 1" in got[rank][2], "fail stops on every rank"
+
+
+class RootScaled(nn.Module):
+    """A parameter on the root module (as CLIP's logit_scale), a head, and state the model keeps per rank."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 1)
+        self.per_rank = nn.Parameter(torch.zeros(2))  # the model's own code leaves it out of DDP on purpose
+        self._ddp_params_and_buffers_to_ignore = ["per_rank"]
+
+    def forward(self, x, use_head: bool = False):
+        out = self.body(x).sum()
+        return out + self.head(x).sum() if use_head else out
+
+
+def _edge_worker(rank: int, port: int, results) -> None:
+    import gc
+    import logging
+    import weakref
+
+    from adapters import replicas
+    from adapters.guard import IgnoredGradGuard, StepCounter
+    from adapters.policy import OnIgnoredGrad
+    from adapters.probe import set_ignored
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    out = {}
+    try:
+        log = logging.getLogger("test")
+        # A replaced wrapper is freed at once (no reference cycle through the guard), so its reducer's hooks
+        # can never fire in a later backward.
+        torch.manual_seed(0)
+        model = RootScaled()
+        added = set_ignored(model, ["scale", "head.weight", "head.bias"])
+        ddp = DistributedDataParallel(model)
+        counter = StepCounter(ddp)
+        guard = IgnoredGradGuard(ddp, ["scale", "head.weight", "head.bias"], counter, on_grad=OnIgnoredGrad.sync,
+                                 why="test", advice="test", log=log)  # fmt: skip
+        out["exchange"] = guard.exchange
+        ddp(torch.randn(2, 4)).backward()
+        guard.remove()
+        counter.remove()
+        old = weakref.ref(ddp)
+        del ddp, guard, counter
+        out["freed without gc"] = old() is None
+        gc.collect()
+        # The replica check compares the root parameter this run left out, and skips the model's own.
+        with torch.no_grad():
+            if rank == 1:
+                model.scale.add_(1.0)
+                model.per_rank.add_(1.0)
+        report = replicas.compare(model, left_out_by_us=added)
+        out["differ"], out["skipped"] = sorted(report.params_differ), report.skipped
+        # With a static graph DDP reduces buckets its own way: the guard exchanges its flags on its own.
+        torch.manual_seed(0)
+        model = RootScaled()
+        set_ignored(model, ["head.weight", "head.bias"])
+        ddp = DistributedDataParallel(model, static_graph=True)
+        guard = IgnoredGradGuard(ddp, ["head.weight", "head.bias"], StepCounter(ddp), on_grad=OnIgnoredGrad.sync,
+                                 why="test", advice="test", log=log)  # fmt: skip
+        for step in range(3):
+            ddp(torch.randn(2, 4), use_head=step == 2 and rank == 0).backward()
+        out["static exchange"], out["static synced"] = guard.exchange, guard.synced_steps
+        out["static head grads equal"] = model.head.weight.grad.numpy().copy()
+        results.put((rank, out))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_guard_frees_a_replaced_wrapper_checks_root_parameters_and_handles_a_static_graph():
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_edge_worker, args=(free_port("127.0.0.1"), results), nprocs=2, start_method="spawn")
+    got = dict(results.get() for _ in range(2))
+    for rank in (0, 1):
+        out = got[rank]
+        assert out["exchange"] == "piggyback" and out["freed without gc"]
+        assert out["differ"] == ["scale"] and out["skipped"] == ["per_rank"]
+        assert out["static exchange"] == "collective" and out["static synced"] == [3]
+    assert (got[0]["static head grads equal"] == got[1]["static head grads equal"]).all()

@@ -283,13 +283,9 @@ def check_contract(framework_cfg: Any) -> None:
     data_target = framework_cfg["data"].get("_target_")
     try:
         dataset = build("framework.data", dict(framework_cfg["data"]))
-        count = len(dataset)
-        items = [dataset[i] for i in range(min(2, count))]
-    except ConfigError:
-        raise
-    except Exception as exc:  # a user's dataset can fail in any way; say which node
-        raise ConfigError(f"framework.data: building {data_target} or reading its first items failed: "
-                          f"{type(exc).__name__}: {exc}") from None  # fmt: skip
+        items = [dataset[i] for i in range(min(2, len(dataset)))]
+    except Exception:  # e.g. a dataset that needs its rank: built in every rank anyway, with its own error there
+        return
     if not items:
         raise ConfigError(f"framework.data: {data_target} has no samples.")
     if not isinstance(items[0], dict):
