@@ -15,8 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train.py"
 # my_pkg (a user's own model and data) is importable in every rank through PYTHONPATH. Every rank writes a
 # digest of its parameters at the end of a run (ADAPTERS_TEST_SAVE_REPLICAS), which `run` compares.
+# One intra-op thread per rank: two ranks each running as many threads as this 2-core machine has cores are
+# an order of magnitude slower, and these runs check behaviour, not speed.
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "HYDRA_FULL_ERROR": "",
-       "ADAPTERS_TEST_SAVE_REPLICAS": "1"}  # fmt: skip
+       "ADAPTERS_TEST_SAVE_REPLICAS": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # fmt: skip
 
 
 def run(cmd: list[str], cwd: Path, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
