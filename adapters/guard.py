@@ -28,10 +28,12 @@ How the flags travel costs the guard almost everything it costs, so there are tw
   bucket would be complete anyway) with the flags appended. No collective is added; this matters on CPUs,
   where one small gloo collective costs as much as a few percent of a step. DDP starts its own end of
   backward after this one (it queues it after reducing the last bucket), and only then waits for buckets.
-* ``collective`` (nccl, or where the model already has a communication hook): one small all-reduce of the
-  flags at the end of backward, on the CPU, in a gloo group of its own: reading flags that rode on a GPU
-  bucket would make the CPU wait for the GPU at every step, where this waits only for the other ranks'
-  CPUs, which run ahead of their GPUs.
+* ``collective``: one small all-reduce of the flags at the end of backward, on the CPU. On nccl, in a gloo
+  group of its own: reading flags that rode on a GPU bucket would make the CPU wait for the GPU at every
+  step, where this waits only for the other ranks' CPUs, which run ahead of their GPUs. Also wherever the
+  last bucket cannot carry them (``choose_exchange``): a model with its own communication hook or sparse
+  gradients, a wrapper with a static graph or one that finds unused parameters (DDP then reduces buckets
+  from its own end-of-backward callback, which must not wait for ours), a GPU model on gloo.
 
 Left-out parameters are also broadcast from rank 0 once, when the guard is installed, as DDP does for every
 parameter it keeps: otherwise a model initialised differently on each rank would stay different there.
