@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from omegaconf import OmegaConf
 
 from . import config as _config  # noqa: F401 - registers the run-folder resolver for unpickled jobs
+from . import threads
 from .errors import AdapterError
 
 log = logging.getLogger("adapters")
@@ -145,8 +146,11 @@ def _hand_to_torchrun(launcher: Any, argv: list[str]) -> int:
         f"--rdzv_backend={launcher.rdzv_backend}", f"--rdzv_endpoint={launcher.rdzv_endpoint}",
         f"--rdzv_id={launcher.rdzv_id}", f"--max_restarts={launcher.max_restarts}", "-m", "adapters.cli", *argv,
     ]  # fmt: skip
+    # torchrun would set OMP_NUM_THREADS=1 where it is unset; give each worker its share of the cores instead.
+    n_threads, _ = threads.plan(launcher.threads_per_rank, launcher.nproc, os.environ)
+    env = {**os.environ, **threads.env_for(n_threads)}
     print(f"handing the run to torchrun: {' '.join(cmd[1:])}", flush=True)
-    return subprocess.call(cmd)
+    return subprocess.call(cmd, env=env)
 
 
 # --- python -m adapters -----------------------------------------------------------------------------

@@ -310,6 +310,11 @@ def validate(cfg: DictConfig, *, for_run: bool = True) -> Checked:
             f"launcher.nproc={launcher.nproc}: the number of worker processes must be at least 1.\n"
             "Fix: launcher.nproc=2 (or the number of GPUs on this machine)."
         )
+    if launcher.threads_per_rank < 0:
+        raise ConfigError(
+            f"launcher.threads_per_rank={launcher.threads_per_rank}: intra-op threads per rank must be 0 (one "
+            "share of this machine's CPUs per rank) or a positive number.\nFix: launcher.threads_per_rank=0."
+        )
     if launcher.grace_s < 0:
         raise ConfigError(f"launcher.grace_s={launcher.grace_s} must be >= 0.")
     name = cfg.framework.get("name") if isinstance(cfg.framework, DictConfig) else None

@@ -23,6 +23,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from . import threads
 from .config import Checked, agent_store, resolve_backend, torchrun_env
 from .diagnose import Diagnosis, format_failure
 from .errors import RunFailed
@@ -69,13 +70,16 @@ def _run_local(checked: Checked, cfg: dict[str, Any], run_dir: Path, probe_only:
     nproc = launcher.nproc
     port = launcher.master_port or free_port(launcher.master_addr)
     log.info("starting %d worker process(es), backend %s, run folder %s", nproc, backend.name, run_dir)
+    n_threads, threads_why = threads.plan(launcher.threads_per_rank, nproc, os.environ)
     context = mp.get_context("spawn")
     procs: dict[int, Any] = {}
     conns: dict[int, Connection] = {}
     for rank in range(nproc):
         env = {"MASTER_ADDR": launcher.master_addr, "MASTER_PORT": str(port), "RANK": str(rank),
-               "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}  # fmt: skip
-        spec = WorkerSpec(rank, rank, nproc, checked.framework, cfg, str(run_dir), backend.name, env, probe_only)
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
+               **threads.env_for(n_threads)}  # fmt: skip
+        spec = WorkerSpec(rank, rank, nproc, checked.framework, cfg, str(run_dir), backend.name, env, probe_only,
+                          n_threads, threads_why)  # fmt: skip
         receive, send = context.Pipe(duplex=False)
         proc = context.Process(target=_spawned, args=(spec, send), name=f"rank{rank}")
         proc.start()
@@ -178,8 +182,10 @@ def _run_in_place(checked: Checked, cfg: dict[str, Any], run_dir: Path, probe_on
         starter = "submitit" if "SUBMITIT_EXECUTOR" in os.environ else "torchrun"
         log.info("running under %s: %d rank(s), backend %s, run folder %s (launcher.nproc is not used)",
                  starter, world_size, backend.name, run_dir)  # fmt: skip
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    n_threads, threads_why = threads.plan(checked.launcher.threads_per_rank, local_ranks, os.environ)
     spec = WorkerSpec(rank, local_rank, world_size, checked.framework, cfg, str(run_dir), backend.name,
-                      probe_only=probe_only)  # fmt: skip
+                      probe_only=probe_only, threads=n_threads, threads_why=threads_why)  # fmt: skip
     outcome = run_worker(spec)
     if not outcome.ok:
         diagnoses = _share_failures(outcome.diagnosis, world_size)

@@ -119,6 +119,9 @@ class LauncherConfig:
     master_addr: str = "127.0.0.1"
     # 0 picks a free port.
     master_port: int = 0
+    # Intra-op threads per rank. 0: OMP_NUM_THREADS when the environment sets it, else this machine's CPUs
+    # divided by its ranks, so ranks never fight for the cores.
+    threads_per_rank: int = 0
     # After one rank fails, how long the others get to report their own error before they are stopped.
     grace_s: float = 3.0
     # torchrun only: machines taking part, this machine's index, and where the agents meet.

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import threads
 from .diagnose import Diagnosis, diagnose
 
 LOG_FORMAT = "[%(asctime)s][rank %(rank)s][%(name)s][%(levelname)s] - %(message)s"
@@ -32,6 +33,8 @@ class WorkerSpec:
     backend: str
     env: dict[str, str] = field(default_factory=dict)  # set before torch.distributed reads it
     probe_only: bool = False  # `python -m adapters doctor`
+    threads: int = 0  # intra-op threads for this rank (0: leave torch's own), and where the number comes from
+    threads_why: str = ""
 
 
 @dataclass
@@ -77,6 +80,11 @@ def run_worker(spec: WorkerSpec) -> Outcome:
     ctx = None
     try:
         import torch
+
+        if spec.threads:
+            threads.apply(spec.threads)
+            if spec.rank == 0:
+                log.info("intra-op threads per rank: %d (%s)", spec.threads, spec.threads_why)
         import torch.distributed as dist
         from omegaconf import OmegaConf
 

@@ -15,10 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train.py"
 # my_pkg (a user's own model and data) is importable in every rank through PYTHONPATH. Every rank writes a
 # digest of its parameters at the end of a run (ADAPTERS_TEST_SAVE_REPLICAS), which `run` compares.
-# One intra-op thread per rank: two ranks each running as many threads as this 2-core machine has cores are
-# an order of magnitude slower, and these runs check behaviour, not speed.
+# Threads per rank are left to the launcher (launcher.threads_per_rank), as a user's runs have them.
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "HYDRA_FULL_ERROR": "",
-       "ADAPTERS_TEST_SAVE_REPLICAS": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # fmt: skip
+       "ADAPTERS_TEST_SAVE_REPLICAS": "1"}  # fmt: skip
 
 
 def run(cmd: list[str], cwd: Path, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -28,8 +27,8 @@ def run(cmd: list[str], cwd: Path, timeout: float = 240, env: dict | None = None
     digests, written by the rank itself, must be the same as rank 0's (independently of the run's own
     replica check, which is on by default and fails the run).
     """
-    proc = subprocess.run(cmd, cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    env = {k: v for k, v in {**ENV, **(env or {})}.items() if v is not None}  # None: unset it
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode == 0:
         for folder in {p.parent for p in Path(cwd).rglob("replica_rank*.json")}:
             assert_replicas_equal(folder)

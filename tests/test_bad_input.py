@@ -21,6 +21,7 @@ CASES = {
     "+ddp.kwargs.static_graph=true": ["ddp.kwargs.static_graph cannot be passed through", "ddp.unused_params=static"],
     "ddp.on_ignored_grad=maybe": ["ddp.on_ignored_grad=maybe is not a valid value", "sync, fail"],
     "ddp.check_replicas_every=-1": ["ddp.check_replicas_every=-1 must be 0"],
+    "launcher.threads_per_rank=-2": ["launcher.threads_per_rank=-2", "launcher.threads_per_rank=0"],
     "launcher.backend=nccl": ["launcher.backend=nccl needs one GPU per process", "launcher.backend=gloo"],
 }
 

@@ -181,6 +181,7 @@ class TorchAdapter(Adapter):
         loss_sum, window_start = torch.zeros((), device=device), time.perf_counter()
         started = window_start
         last_loss = float("nan")
+        first_done: tuple[int, float] | None = None  # (step, time) after this process's first step
         while step < steps:
             sampler.set_epoch(epoch)
             indices = list(sampler)
@@ -202,6 +203,8 @@ class TorchAdapter(Adapter):
                     else:
                         optimizer.step()
                     step += 1
+                    if first_done is None:
+                        first_done = (step, time.perf_counter())
                     position += guard.batch_size
                     loss_sum += loss.detach().float()
                     die_for_test(step, ctx.rank)
@@ -224,9 +227,13 @@ class TorchAdapter(Adapter):
                 else:
                     break  # the epoch's samples are used up
             epoch, position = epoch + 1, 0
-        seconds = time.perf_counter() - started
+        ended = time.perf_counter()
+        seconds = ended - started
         summary = {"steps": step, "loss": round(last_loss, 4), "seconds": round(seconds, 2),
                    "steps_per_s": round(step / seconds, 2)}  # fmt: skip
+        if first_done is not None and step > first_done[0]:
+            # Without the first step's one-off costs (lazy initialisation, DDP's first reduction).
+            summary["steady_steps_per_s"] = round((step - first_done[0]) / (ended - first_done[1]), 3)
         if guard.tried:
             summary["batch_size"] = guard.batch_size
         if fw["save"] and ctx.is_main:
