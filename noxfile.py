@@ -68,6 +68,35 @@ def demo(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
-    """Benchmark: steps/s of strict, find, static, ignore and auto side by side, and the probe's cost."""
+    """Benchmarks: the settings side by side (and auto's probe and guard), then framework=torch against a
+    hand-written DDP loop. Arguments go to the first: `nox -s bench -- --rounds 100`."""
     session.install(TORCH, "-e", ".")
     session.run("python", "benchmarks/ddp_policies.py", *session.posargs)
+    session.run("python", "benchmarks/vs_handwritten.py")
+
+
+def _bench_native(session: nox.Session, framework: str) -> None:
+    session.run("python", "benchmarks/vs_native.py", "--framework", framework, *session.posargs)
+
+
+@nox.session(name="bench-fastnlp", default=False)
+def bench_fastnlp(session: nox.Session) -> None:
+    """framework=fastnlp against fastNLP's Trainer in a script of one's own, side by side."""
+    session.install(TORCH, "-e", ".[fastnlp]")
+    _bench_native(session, "fastnlp")
+
+
+@nox.session(name="bench-mmdet", default=False)
+def bench_mmdet(session: nox.Session) -> None:
+    """framework=mmdet against mmengine's Runner from the same config, side by side (needs mmcv: see mmdet)."""
+    session.install(TORCH, "setuptools<81", "wheel", "numpy")
+    session.install("--no-build-isolation", "mmcv==2.1.0", env={"MMCV_WITH_OPS": "1", "FORCE_CUDA": "0"})
+    session.install("-e", ".[mmdet]")
+    _bench_native(session, "mmdet")
+
+
+@nox.session(name="bench-nnunet", default=False)
+def bench_nnunet(session: nox.Session) -> None:
+    """framework=nnunet against nnU-Net's own trainer run directly, side by side."""
+    session.install("torch==2.14.1", "torchvision==0.29.1", "-e", ".[nnunet]")
+    _bench_native(session, "nnunet")

@@ -87,11 +87,28 @@ def jobs(steps: int) -> list[dict[str, Any]]:
     return out
 
 
-def ours(rank: int, world: int, port: int, job: dict, run_dir: str, threads: int) -> float:
+def shared_store(port: int, prefix: str):
+    """A client of the benchmark's one store, under ``prefix``: every run meets there, so no run needs a port of
+    its own (a port picked free in advance can be taken by then)."""
+    from datetime import timedelta
+
+    from torch.distributed import PrefixStore, TCPStore
+
+    return PrefixStore(prefix, TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=120)))
+
+
+def store_env(rank: int, world: int, port: int, n: int) -> dict[str, str]:
+    """The environment under which the rank code meets at the benchmark's store, as under torchrun's agent
+    (whose store it reads when TORCHELASTIC_USE_AGENT_STORE is set), under a prefix of this run's own."""
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "TORCHELASTIC_USE_AGENT_STORE": "True",
+            "TORCHELASTIC_RESTART_COUNT": str(n)}  # fmt: skip
+
+
+def ours(rank: int, world: int, port: int, n: int, job: dict, run_dir: str, threads: int) -> float:
     from adapters.worker import WorkerSpec, run_worker
 
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank),
-           "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world)}  # fmt: skip
+    env = store_env(rank, world, port, n)
     spec = WorkerSpec(rank, rank, world, "torch", job["cfg"], run_dir, "gloo", env, False, threads, "benchmark")
     with redirect_stdout(io.StringIO()):
         outcome = run_worker(spec)
@@ -100,7 +117,7 @@ def ours(rank: int, world: int, port: int, job: dict, run_dir: str, threads: int
     return outcome.summary.get("steady_steps_per_s", 0.0)
 
 
-def handwritten(rank: int, world: int, port: int, job: dict) -> float:
+def handwritten(rank: int, world: int, port: int, n: int, job: dict) -> float:
     """The loop a user writes by hand, with the same model, data and DDP setting."""
     import torch
     import torch.distributed as dist
@@ -110,7 +127,7 @@ def handwritten(rank: int, world: int, port: int, job: dict) -> float:
     from adapters.frameworks.torch import build
 
     fw = job["cfg"]["framework"]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", store=shared_store(port, f"hand/{n}"), rank=rank, world_size=world)
     torch.manual_seed(fw["seed"])
     model = build("framework.model", fw["model"], deep_supervision=fw["deep_supervision"])
     dataset = build("framework.data", fw["data"])
@@ -146,23 +163,24 @@ def handwritten(rank: int, world: int, port: int, job: dict) -> float:
     return rate
 
 
-def _rank(rank: int, world: int, all_jobs: list[dict], ports: list[int], args, queue) -> None:
+def _rank(rank: int, world: int, all_jobs: list[dict], port: int, args, queue) -> None:
     from adapters import threads
 
     n_threads, _ = threads.plan(0, world, {})
     threads.apply(n_threads)
     rates: dict[tuple[str, str, str], list[float]] = {}
-    port = iter(ports)
+    n = 0
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for j, job in enumerate(all_jobs[r % len(all_jobs) :] + all_jobs[: r % len(all_jobs)]):
                 sides = ("ours", "hand") if (r + j) % 2 == 0 else ("hand", "ours")
                 for side in sides:
+                    n += 1
                     if side == "ours":
                         run_dir = os.path.join(tmp, f"r{r}_{j}")
-                        rate = ours(rank, world, next(port), job, run_dir, n_threads)
+                        rate = ours(rank, world, port, n, job, run_dir, n_threads)
                     else:
-                        rate = handwritten(rank, world, next(port), job)
+                        rate = handwritten(rank, world, port, n, job)
                     rates.setdefault((job["model"], job["preset"], side), []).append(rate)
             if rank == 0:
                 print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
@@ -236,13 +254,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch.multiprocessing as mp
-
-    from adapters.launch import free_port
+    from torch.distributed import TCPStore
 
     all_jobs = jobs(args.steps)
-    ports = [free_port("127.0.0.1") for _ in range(args.rounds * len(all_jobs) * 2)]
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # held open for the whole run
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_rank, args=(2, all_jobs, ports, args, queue), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank, args=(2, all_jobs, store.port, args, queue), nprocs=2, start_method="spawn")
     rates = queue.get()
     starts = startup(args.startup) if args.startup else None
     print(table(rates, args, starts))
