@@ -10,7 +10,9 @@ Each setting gets its own identically initialised copy and DDP wrapper; ``auto``
 code the adapters use (``WorkerContext.resolve_unused_params``: probe, decide, apply; then
 ``WorkerContext.track_ddp``: the step counter and, when parameters are left out, the guard that keeps
 them in sync). ``auto, no guard`` is the same wrapper without ``track_ddp``'s hooks: the difference between
-the two is what the guard costs. The settings take turns in short timed blocks in a rotating order, so
+the two is what the guard costs. Where the installed torch has DDP's ``skip_all_reduce_unused_params``
+(2.8 and later), ``static + skip_all_reduce_unused_params`` runs next to ``static``: whether skipping the
+reduction of the never-used parameters pays. The settings take turns in short timed blocks in a rotating order, so
 drift on the machine falls on all of them alike. The table gives each setting's median step time, the
 spread of its blocks (25th to 75th percentile), its ratio to the best hand-picked setting (the fastest of
 strict, find, static and ignore that works), the guard's cost, and the probe's cost in training steps.
@@ -32,6 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 NO_GUARD = "auto, no guard"
+SKIP = "static + skip_all_reduce_unused_params"  # torch >= 2.8: the never-used parameters are not reduced
 COLLECTIVE = "auto, guard by collective"
 HAND_PICKED = {"strict": {}, "find": {"find_unused_parameters": True}, "static": {"static_graph": True},
                "ignore": None}  # fmt: skip
@@ -123,12 +126,16 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
     results = {}
     for scenario, unused_head in (("deep MLP, all used", False), ("deep MLP + unused head", True)):
         models, probe_seconds, auto_choice = {}, 0.0, ""
-        for name in [*HAND_PICKED, "auto", NO_GUARD, COLLECTIVE]:
-            if (name == "strict" and unused_head) or (name == COLLECTIVE and not unused_head):
+        for name in [*HAND_PICKED, SKIP, "auto", NO_GUARD, COLLECTIVE]:
+            if (name == "strict" and unused_head) or (name in (COLLECTIVE, SKIP) and not unused_head):
+                continue
+            if name == SKIP and not _has_skip():
                 continue
             torch.manual_seed(0)
             net = _model(args.layers, args.width, unused_head).to(device)
             kwargs, ctx = HAND_PICKED.get(name) or {}, None
+            if name == SKIP:
+                kwargs = {"static_graph": True, "skip_all_reduce_unused_params": True}
             if name == "ignore" and unused_head:
                 set_ignored(net, [n for n, _ in net.named_parameters() if n.startswith("aux_head.")])
             if name in ("auto", NO_GUARD, COLLECTIVE):
@@ -150,12 +157,21 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
                              "spread": {n: _quartiles(t) for n, t in times.items()},
                              "guard": _paired_cost(times["auto"], times[NO_GUARD]),
                              "collective": _paired_cost(times[COLLECTIVE], times[NO_GUARD]) if unused_head else None,
+                             "skip": _paired_cost(times[SKIP], times["static"]) if SKIP in times else None,
                              "probe_s": probe_seconds, "auto_choice": auto_choice}  # fmt: skip
         models.clear()
     if rank == 0:
         queue.put(results)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _has_skip() -> bool:
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    return "skip_all_reduce_unused_params" in inspect.signature(DistributedDataParallel).parameters
 
 
 def _quartiles(values: list[float]) -> tuple[float, float]:
@@ -198,6 +214,10 @@ def table(results: dict, args: argparse.Namespace) -> str:
         if row["collective"]:
             median, low, high = row["collective"]
             lines.append(f"| {scenario} | cost of the guard by collective, paired per round | {median:+.2f}% "
+                         f"({low:+.2f}% to {high:+.2f}%) | | |")  # fmt: skip
+        if row.get("skip"):
+            median, low, high = row["skip"]
+            lines.append(f"| {scenario} | step time of {SKIP} against static, paired per round | {median:+.2f}% "
                          f"({low:+.2f}% to {high:+.2f}%) | | |")  # fmt: skip
         chosen = ms["auto"]
         lines.append(f"| {scenario} | probe cost | {row['probe_s'] * 1000:.1f} ms | | "

@@ -24,6 +24,7 @@ supervision off (convolutions: compute dominates; its three decoder heads are un
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import os
 import statistics
@@ -158,6 +159,10 @@ def handwritten(rank: int, world: int, port: int, n: int, job: dict) -> float:
                 break
         epoch += 1
     rate = (steps - 1) / (time.perf_counter() - first)
+    # DDP before the group: a reducer freed after destroy_process_group takes the group's last reference, and
+    # gloo's destructor then joins its threads holding the GIL, which one of them waits for (a deadlock).
+    del ddp, optimizer
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
     return rate

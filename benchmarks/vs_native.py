@@ -123,7 +123,6 @@ def _ours(rank: int, world: int, job: dict, run_dir: str) -> None:
 
 def _native_fastnlp(rank: int, world: int, job: dict, run_dir: str) -> None:
     import torch
-    import torch.distributed as dist
     from fastNLP import Trainer
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DataLoader
@@ -140,7 +139,6 @@ def _native_fastnlp(rank: int, world: int, job: dict, run_dir: str) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=fw["lr"], momentum=0.9)
     Trainer(model=model, optimizers=optimizer, train_dataloader=loader, n_epochs=fw["n_epochs"], driver="torch",
             device=None, progress_bar=fw["progress_bar"]).run()  # fmt: skip
-    dist.destroy_process_group()
 
 
 def _native_mmdet(rank: int, world: int, job: dict, run_dir: str) -> None:
@@ -170,14 +168,12 @@ def _native_mmdet(rank: int, world: int, job: dict, run_dir: str) -> None:
     dist.barrier()  # the other rank reads what rank 0 wrote
     runner = Runner.from_cfg(cfg)
     runner.train()
-    dist.destroy_process_group()
 
 
 def _native_nnunet(rank: int, world: int, job: dict, run_dir: str) -> None:
     import json
 
     import torch
-    import torch.distributed as dist
     from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from torch.nn.parallel import DistributedDataParallel
@@ -205,7 +201,6 @@ def _native_nnunet(rank: int, world: int, job: dict, run_dir: str) -> None:
     dataset_json = json.loads((folder / "dataset.json").read_text())
     trainer = CPUTrainer(plans, fw["configuration"], fw["fold"], dataset_json, device=torch.device("cpu"))
     trainer.run_training()
-    dist.destroy_process_group()
 
 
 NATIVE = {"fastnlp": _native_fastnlp, "mmdet": _native_mmdet, "nnunet": _native_nnunet}
