@@ -10,8 +10,9 @@ For every framework the same model, data, schedule and DDP setting run twice per
     ``Trainer(driver="torch", device=None, ...)``: fastNLP's documented mode for DDP set up outside (its own
     DDP driver needs nccl);
   - MMDetection: mmengine's ``Runner.from_cfg(cfg).train()`` from the same config, ``launcher="pytorch"``,
-    ``env_cfg.dist_cfg.backend="gloo"`` and ``model_wrapper_cfg`` with the setting (the gloo group created
-    first: mmengine's own ``init_dist`` calls ``torch.cuda.set_device`` and fails without a GPU);
+    ``env_cfg.dist_cfg.backend="gloo"`` and ``model_wrapper_cfg`` with the setting and ``device_ids=None``
+    (the gloo group created first: mmengine's own ``init_dist`` calls ``torch.cuda.set_device`` and fails
+    without a GPU);
   - nnU-Net: nnU-Net's own ``nnUNetTrainer`` with the least a CPU run needs (nnU-Net hard-codes
     ``device_ids=[local_rank]``, which a CPU module refuses) and the setting passed to its ``DDP(...)``.
 
@@ -46,7 +47,7 @@ COMMON = ["launcher.nproc=2", "launcher.backend=gloo"]
 #: framework -> (overrides for its model and schedule, rows: (label, ddp preset, native DDP arguments))
 SETUPS: dict[str, tuple[list[str], list[tuple[str, str, dict]]]] = {
     "fastnlp": (
-        ["framework=fastnlp", "framework.aux_loss=false", "framework.num_samples=2048", "framework.n_epochs=1"],
+        ["framework=fastnlp", "framework.aux_loss=false", "framework.num_samples=8192", "framework.n_epochs=1"],
         [("same setting: find_unused_parameters=True", "safe", {"find_unused_parameters": True}),
          ("ddp=auto against the usual fix, find_unused_parameters=True", "auto", {"find_unused_parameters": True})],
     ),
@@ -159,7 +160,8 @@ def _native_mmdet(rank: int, world: int, job: dict, run_dir: str) -> None:
     cfg.train_dataloader.persistent_workers = False
     cfg.launcher = "pytorch"
     cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "gloo"
-    cfg.model_wrapper_cfg = {"type": "MMDistributedDataParallel", **job["native"]}
+    # mmengine adds device_ids=[LOCAL_RANK] unless told otherwise, which a CPU module refuses.
+    cfg.model_wrapper_cfg = {"type": "MMDistributedDataParallel", "device_ids": None, **job["native"]}
     cfg.work_dir = str(Path(run_dir) / "work_dir")
     cfg.randomness = dict(seed=fw["seed"])
     # mmengine's own init_dist calls torch.cuda.set_device, which fails without a GPU: on CPU the group is
@@ -184,8 +186,10 @@ def _native_nnunet(rank: int, world: int, job: dict, run_dir: str) -> None:
     class CPUTrainer(nnUNetTrainer):
         """The least a CPU run of nnU-Net's trainer needs, and the schedule of the benchmark."""
 
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
+        def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                     device: torch.device = torch.device("cuda")):  # fmt: skip
+            # nnU-Net records __init__'s arguments by their names: the signature stays nnUNetTrainer's.
+            super().__init__(plans, configuration, fold, dataset_json, device)
             self.device, self.grad_scaler = torch.device("cpu"), None
             self.enable_deep_supervision = fw["deep_supervision"]
             self.num_epochs = fw["epochs"]
