@@ -240,12 +240,13 @@ def table(rates: dict, args, starts: list[tuple[float, float]] | None) -> str:
                          f"({low:.3f}-{high:.3f}) |")  # fmt: skip
             if preset != "auto":
                 best_hand = max(best_hand, statistics.median(theirs))
-        # Per round: ours with auto against the fastest hand-written setting of that same round.
-        best_each = [max(v) for v in zip(*(rates[(model, p, "hand")] for p in PRESETS if p != "auto"), strict=True)]
-        ratios = [a / b for a, b in zip(rates[(model, "auto", "ours")], best_each, strict=True)]
+        # The best hand-written setting by its median over all rounds, then paired per round with ours on auto
+        # (the fastest of each round instead would favour it: the largest of three noisy figures).
+        best = max((p for p in PRESETS if p != "auto"), key=lambda p: statistics.median(rates[(model, p, "hand")]))
+        ratios = [a / b for a, b in zip(rates[(model, "auto", "ours")], rates[(model, best, "hand")], strict=True)]
         low, high = _quartiles(ratios)
-        lines.append(f"| {model} | auto (ours) vs the fastest hand-written setting of each round | | "
-                     f"{best_hand:.1f} | {statistics.median(ratios):.3f}x ({low:.3f}-{high:.3f}) |")  # fmt: skip
+        lines.append(f"| {model} | auto (ours) vs the best hand-written setting ({best}) | | {best_hand:.1f} | "
+                     f"{statistics.median(ratios):.3f}x ({low:.3f}-{high:.3f}) |")  # fmt: skip
     if starts:
         ours_s = statistics.median(s[0] for s in starts)
         hand_s = statistics.median(s[1] for s in starts)
