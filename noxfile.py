@@ -68,11 +68,14 @@ def demo(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
-    """Benchmarks: the settings side by side (and auto's probe and guard), then framework=torch against a
-    hand-written DDP loop. Arguments go to the first: `nox -s bench -- --rounds 100`."""
+    """Benchmarks: the settings side by side (and auto's probe and guard), framework=torch against a
+    hand-written DDP loop, then (queued after it, each in its own environment) every framework against its
+    own launch. Arguments go to the first: `nox -s bench -- --rounds 100`."""
     session.install(TORCH, "-e", ".")
     session.run("python", "benchmarks/ddp_policies.py", *session.posargs)
     session.run("python", "benchmarks/vs_handwritten.py")
+    for name in ("bench-fastnlp", "bench-nnunet", "bench-mmdet"):
+        session.notify(name, posargs=[])  # their own defaults
 
 
 def _bench_native(session: nox.Session, framework: str) -> None:
