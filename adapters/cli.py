@@ -149,6 +149,10 @@ def _hand_to_torchrun(launcher: Any, argv: list[str]) -> int:
     # torchrun would set OMP_NUM_THREADS=1 where it is unset; give each worker its share of the cores instead.
     n_threads, _ = threads.plan(launcher.threads_per_rank, launcher.nproc, os.environ)
     env = {**os.environ, **threads.env_for(n_threads)}
+    # The workers run `-m adapters.cli` from this directory: make this package importable there even when it
+    # is not installed (train.py run from elsewhere, next to its adapters/ folder).
+    package_root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
     print(f"handing the run to torchrun: {' '.join(cmd[1:])}", flush=True)
     return subprocess.call(cmd, env=env)
 

@@ -119,7 +119,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
         torch.cuda.set_device(rank)
     device = torch.device(f"cuda:{rank}" if cuda else "cpu")
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    from adapters import threads
+
+    threads.apply(threads.plan(0, world, os.environ)[0])  # as the launcher does
     g = torch.Generator().manual_seed(rank)
     inputs = [{"x": torch.randn(args.batch, args.width, generator=g).to(device),
                "y": torch.randn(args.batch, generator=g).to(device)} for _ in range(4)]  # fmt: skip
@@ -139,7 +141,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
             if name == "ignore" and unused_head:
                 set_ignored(net, [n for n, _ in net.named_parameters() if n.startswith("aux_head.")])
             if name in ("auto", NO_GUARD, COLLECTIVE):
-                ctx, kwargs, probe_seconds, auto_choice = _auto(net, inputs, rank, world, cuda, device)
+                ctx, kwargs, seconds, auto_choice = _auto(net, inputs, rank, world, cuda, device)
+                if name == "auto":  # the probe of auto's own copy (the others run in a warmer process)
+                    probe_seconds = seconds
             ddp = DistributedDataParallel(net, device_ids=[rank] if cuda else None, **kwargs)
             if name == "auto":
                 ctx.track_ddp(ddp)
@@ -175,7 +179,7 @@ def _has_skip() -> bool:
 
 
 def _quartiles(values: list[float]) -> tuple[float, float]:
-    q = statistics.quantiles(values, n=4)
+    q = statistics.quantiles(values, n=4, method="inclusive")
     return q[0] * 1000, q[2] * 1000
 
 
@@ -183,7 +187,7 @@ def _paired_cost(guarded: list[float], bare: list[float]) -> tuple[float, float,
     """The guard's cost from blocks timed next to each other in the same round: median and quartiles of
     guarded / bare - 1, in percent (pairs cancel the drift that separate medians would carry)."""
     ratios = [(g / b - 1) * 100 for g, b in zip(guarded, bare, strict=True)]
-    q = statistics.quantiles(ratios, n=4)
+    q = statistics.quantiles(ratios, n=4, method="inclusive")
     return statistics.median(ratios), q[0], q[2]
 
 
@@ -246,8 +250,11 @@ def main() -> None:
     args.cuda = torch.cuda.is_available() and torch.cuda.device_count() >= 2
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(2, free_port("127.0.0.1"), args, queue), nprocs=2, start_method="spawn")
-    print(table(queue.get(), args))
+    procs = mp.start_processes(_worker, args=(2, free_port("127.0.0.1"), args, queue), nprocs=2,
+                               start_method="spawn", join=False)  # fmt: skip
+    results = queue.get()  # before joining: a result larger than the pipe's buffer would block rank 0
+    procs.join()
+    print(table(results, args))
 
 
 if __name__ == "__main__":

@@ -214,7 +214,7 @@ def startup(rounds: int) -> list[tuple[float, float]]:
 def _quartiles(values: list[float]) -> tuple[float, float]:
     if len(values) < 2:
         return values[0], values[0]
-    q = statistics.quantiles(values, n=4)
+    q = statistics.quantiles(values, n=4, method="inclusive")
     return q[0], q[2]
 
 
@@ -269,8 +269,10 @@ def main() -> None:
     all_jobs = jobs(args.steps)
     store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # held open for the whole run
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_rank, args=(2, all_jobs, store.port, args, queue), nprocs=2, start_method="spawn")
-    rates = queue.get()
+    procs = mp.start_processes(_rank, args=(2, all_jobs, store.port, args, queue), nprocs=2, start_method="spawn",
+                               join=False)  # fmt: skip
+    rates = queue.get()  # before joining: a result larger than the pipe's buffer would block rank 0
+    procs.join()
     starts = startup(args.startup) if args.startup else None
     print(table(rates, args, starts))
 

@@ -234,8 +234,11 @@ def one_run(side: str, job: dict, tmp: str, n: int, port: int) -> tuple[float, f
     run_dir = os.path.join(tmp, f"{side}_{n}")
     os.makedirs(run_dir, exist_ok=True)
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_rank, args=(2, port, n, side, job, run_dir, queue), nprocs=2, start_method="spawn")
-    return queue.get()
+    procs = mp.start_processes(_rank, args=(2, port, n, side, job, run_dir, queue), nprocs=2, start_method="spawn",
+                               join=False)  # fmt: skip
+    result = queue.get()
+    procs.join()
+    return result
 
 
 def jobs(framework: str, tmp: str) -> list[dict]:
@@ -273,7 +276,7 @@ def prepare_nnunet(root: Path, overrides: list[str]) -> str:
 def _quartiles(values: list[float]) -> tuple[float, float]:
     if len(values) < 2:
         return values[0], values[0]
-    q = statistics.quantiles(values, n=4)
+    q = statistics.quantiles(values, n=4, method="inclusive")
     return q[0], q[2]
 
 

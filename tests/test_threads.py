@@ -49,3 +49,5 @@ def test_plan_reads_setting_then_environment_then_cores():
     assert threads.plan(0, 2, {"OMP_NUM_THREADS": "2"})[0] == 2
     assert threads.plan(0, 2, {"OMP_NUM_THREADS": "junk"})[0] == max(1, threads.available_cpus() // 2)
     assert threads.plan(0, 10_000, {})[0] == 1
+    assert threads.plan(0, 2, {"OMP_NUM_THREADS": "3,1"})[0] == 3  # OpenMP's nested list: the outer level
+    assert threads.plan(0, 2, {"OMP_NUM_THREADS": "\u00b2"})[0] == max(1, threads.available_cpus() // 2)
