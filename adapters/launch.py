@@ -51,7 +51,7 @@ def free_port(addr: str) -> int:
 
 
 def _spawned(spec: WorkerSpec, conn: Connection) -> None:
-    outcome = run_worker(spec)
+    outcome = run_worker(spec, exits=True)
     try:
         conn.send(outcome)
         conn.close()
@@ -186,7 +186,8 @@ def _run_in_place(checked: Checked, cfg: dict[str, Any], run_dir: Path, probe_on
     n_threads, threads_why = threads.plan(checked.launcher.threads_per_rank, local_ranks, os.environ)
     spec = WorkerSpec(rank, local_rank, world_size, checked.framework, cfg, str(run_dir), backend.name,
                       probe_only=probe_only, threads=n_threads, threads_why=threads_why)  # fmt: skip
-    outcome = run_worker(spec)
+    # A torchrun worker training ends with os._exit (cli.py); a submitit task, or doctor, lives on after this.
+    outcome = run_worker(spec, exits="SUBMITIT_EXECUTOR" not in os.environ and not probe_only)
     if not outcome.ok:
         diagnoses = _share_failures(outcome.diagnosis, world_size)
         raise RunFailed(f"{format_failure(diagnoses)}\nLogs: {run_dir}/rank<N>.log")

@@ -73,8 +73,11 @@ def setup_logging(rank: int, run_dir: Path) -> logging.Logger:
     return logging.getLogger("adapters")
 
 
-def run_worker(spec: WorkerSpec) -> Outcome:
-    """Run one rank to the end. Never raises: a failure comes back as an Outcome with a Diagnosis."""
+def run_worker(spec: WorkerSpec, exits: bool = False) -> Outcome:
+    """Run one rank to the end. Never raises: a failure comes back as an Outcome with a Diagnosis.
+
+    ``exits``: the caller ends the process with ``os._exit`` right after (see ``_teardown``).
+    """
     os.environ.update(spec.env)
     log = setup_logging(spec.rank, Path(spec.run_dir))
     ctx = None
@@ -153,7 +156,7 @@ def run_worker(spec: WorkerSpec) -> Outcome:
             except Exception:  # the context only sharpens the advice; never lose the failure itself
                 log.debug("no failure context", exc_info=True)
         outcome = Outcome(spec.rank, False, diagnosis=diagnosis)
-    _teardown(ctx, outcome.ok)
+    _teardown(ctx, outcome.ok, exits)
     return outcome
 
 
@@ -200,22 +203,34 @@ def _short_traceback(exc: BaseException) -> str:
     return "".join(lines + traceback.format_exception_only(type(exc), exc))
 
 
-def _teardown(ctx: Any, ok: bool) -> None:
+def _teardown(ctx: Any, ok: bool, exits: bool = False) -> None:
     """Drop DDP before the process group, and wait for the others only when this rank finished well.
 
-    Gloo's worker threads can abort the interpreter at exit when the group is left alive; a failed rank
-    does not wait at a barrier its peers may never reach.
+    A failed rank does not wait at a barrier its peers may never reach. ``exits``: the process ends with
+    ``os._exit`` right after (the local launcher's workers, torchrun's), so the group is left to the exit.
+    Destroying a gloo group joins its threads while this thread holds the GIL; a gloo thread that is still
+    freeing a finished collective (the barrier's, whose tensors are Python objects) waits for the GIL, and
+    the rank hangs after a finished run (seen once in a hundred runs). Where the process lives on (a
+    submitit task, a benchmark calling ``run_worker``), the barrier's work is held until the group is gone,
+    and the gloo threads get a moment to let go of theirs first.
     """
     if ctx is not None:
         ctx.ddp_model = None
     gc.collect()
     try:
+        import time
+
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
+            work = None
             if ok:
-                dist.barrier()
-            dist.destroy_process_group()
+                work = dist.barrier(async_op=True)
+                work.wait()
+            if not exits:
+                time.sleep(0.05)  # releases the GIL: gloo's threads drop what they still hold
+                dist.destroy_process_group()
+            del work  # freed here, on this thread, if nothing else holds it
     except Exception:  # tearing down after a failure must not hide the failure
         logging.getLogger("adapters").debug("teardown failed", exc_info=True)
     for handler in logging.getLogger().handlers:
