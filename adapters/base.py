@@ -58,9 +58,26 @@ def ddp_kwargs(policy: DDPPolicy) -> dict[str, Any]:
     for key in ("broadcast_buffers", "bucket_cap_mb", "gradient_as_bucket_view"):
         value = getattr(policy, key)
         if value is not None:
-            kwargs[key] = value
+            kwargs[buffer_sync_kwarg() if key == "broadcast_buffers" else key] = value
     kwargs.update(policy.kwargs)
     return kwargs
+
+
+def buffer_sync_kwarg() -> str:
+    """DDP's name for syncing buffers from rank 0 at each forward in the installed torch: torch 2.13 deprecated
+    ``broadcast_buffers`` (a FutureWarning in every run) for ``forward_sync_buffers``. Read from the installed
+    version, without importing torch. (Unlike ``broadcast_buffers=False``, ``forward_sync_buffers=False``
+    still makes the replicas' buffers equal once, when DDP is built.)"""
+    import re
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = re.match(r"(\d+)\.(\d+)", version("torch"))
+    except PackageNotFoundError:
+        found = None
+    if found and (int(found.group(1)), int(found.group(2))) >= (2, 13):
+        return "forward_sync_buffers"
+    return "broadcast_buffers"
 
 
 def debug_env(policy: DDPPolicy, backend: Backend) -> tuple[dict[str, str], tuple[str, ...]]:
@@ -97,7 +114,7 @@ def describe_ddp(model: Any) -> dict[str, Any]:
     return {
         "find_unused_parameters": model.find_unused_parameters,
         "static_graph": model.static_graph,
-        "broadcast_buffers": model.broadcast_buffers,
+        buffer_sync_kwarg(): model.__dict__.get("forward_sync_buffers", getattr(model, "broadcast_buffers", None)),
         "bucket_cap_mb": round(model.bucket_bytes_cap / 1024**2, 3),
         "gradient_as_bucket_view": model.gradient_as_bucket_view,
         "ignored": len(getattr(model, "parameters_to_ignore", ())),

@@ -7,15 +7,17 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
 from . import config as _config  # noqa: F401 - registers the run-folder resolver for unpickled jobs
-from . import threads
-from .errors import AdapterError
+from . import lifetime, threads
+from .errors import AdapterError, ConfigError
 
 log = logging.getLogger("adapters")
 
@@ -93,28 +95,77 @@ def _adopt_submitit_world() -> None:
     )  # fmt: skip
 
 
+# Hydra's flags that only print (help, the config, shell completion): nothing runs and nothing is written.
+_PRINT_ONLY = ("help", "hydra_help", "info", "cfg", "shell_completion", "version")
+_run_dir: str | None = None  # the folder this launcher's run writes to, for the interrupted message
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
-    """Check the overrides, then run the Hydra app. Nothing is written when the config is wrong."""
+    """Check the overrides, reserve the run's folder, then run the Hydra app. Nothing is written when the
+    config is wrong. Ctrl-C, SIGTERM and SIGHUP stop every rank and end with one line."""
+    from .config import torchrun_env
+
+    if not torchrun_env():
+        lifetime.install_stop_signals()
+    try:
+        return _train_main(list(sys.argv[1:] if argv is None else argv))
+    except (KeyboardInterrupt, lifetime.Interrupted) as exc:
+        where = f", logs in {_run_dir}" if _run_dir else ""
+        sys.stderr.write(f"interrupted ({lifetime.describe(exc)}): ranks stopped{where}\n")
+        sys.stderr.flush()
+        return lifetime.exit_code(exc)
+
+
+def _train_main(argv: list[str]) -> int:
     import hydra
+    from hydra._internal.utils import get_args_parser
 
-    from .config import compose, conf_dir, register_configs, torchrun_env, validate
+    from .config import check_launch_env, compose, conf_dir, register_configs, torchrun_env, validate
 
-    argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
-    flags = [a for a in argv if a.startswith("-")]
-    if not flags:  # --help, --cfg, --multirun ...: Hydra handles them; the task still validates
-        try:
-            checked = validate(compose(argv))
-        except AdapterError as exc:
-            return _fail(exc)
-        if checked.launcher.name.name == "torchrun" and not torchrun_env():
-            return _hand_to_torchrun(checked.launcher, argv)
-    register_configs()
+    global _run_dir
+    argv = _strip_local_rank(argv)
+    args = get_args_parser().parse_args(argv)  # a wrong flag: argparse's usage line and exit code 2
+    print_only = any(getattr(args, name, None) for name in _PRINT_ONLY)
+    try:
+        check_launch_env()
+        for name in ("config_path", "config_name", "experimental_rerun"):
+            if getattr(args, name, None):
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} is not supported by train.py: it composes this project's "
+                    "conf/config.yaml. Pick options with group=option (ddp=safe), add config folders with "
+                    "hydra.searchpath=[file://...], and share settings as presets (preset=<name>)."
+                )
+        checked = None
+        if not print_only:
+            jobs = sweep_jobs(args.overrides) if args.multirun else [args.overrides]
+            elsewhere = any(o.startswith("hydra/launcher=") and "basic" not in o for o in args.overrides)
+            for i, job in enumerate(jobs):
+                try:
+                    checked = validate(compose(job), for_run=not elsewhere)
+                except AdapterError as exc:
+                    if len(jobs) > 1:
+                        exc.args = (f"sweep job {i} ({' '.join(job)}): {exc}",)
+                    raise
+            if not args.multirun and checked.launcher.name.name == "torchrun" and not torchrun_env():
+                check_named_run_dir(args.overrides, checked.cfg.get("resume"))
+                return _hand_to_torchrun(checked.launcher, argv)
+        register_configs()
+        if not print_only and args.multirun:
+            if not any(_key(o) == "hydra.sweep.dir" for o in args.overrides):
+                _run_dir = str(reserve_run_dir(Path("multirun"), "sweep"))
+                argv.append(f"hydra.sweep.dir={_run_dir}")
+        elif not print_only:
+            _run_dir = choose_run_dir(args.overrides, checked)
+            if _run_dir is not None:
+                argv.append(f"hydra.run.dir={_run_dir}")
+    except AdapterError as exc:
+        return _fail(exc)
     if not torchrun_env():  # jobs started from here (submitit's) put their folders under the same start time
         from .config import run_start
 
         os.environ.setdefault("ADAPTERS_RUN_START", repr(run_start()))
     if torchrun_env():
-        # Every rank runs this app; the run folder is shared (see config.run_start) and only rank 0
+        # Every rank runs this app; the run folder is shared (see choose_run_dir) and only rank 0
         # writes .hydra/. Logging is set up per rank by the worker.
         argv.append("hydra/job_logging=none")
         if os.environ.get("RANK", "0") != "0":
@@ -136,15 +187,110 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     os._exit(code)
 
 
+def _key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def sweep_jobs(overrides: Sequence[str]) -> list[list[str]]:
+    """The jobs ``-m`` will run, one list of overrides each, expanded as Hydra's basic sweeper does."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        return BasicSweeper.split_arguments(parsed, None)[0]
+    except HydraException as exc:
+        fix = "Fix: sweep a key over values, e.g. -m ddp=safe,static."
+        raise ConfigError(f"The sweep could not be read: {exc}\n{fix}") from None
+
+
+def reserve_run_dir(root: Path, kind: str = "run") -> Path:
+    """A new folder <root>/<date>/<time> (or <time>-2, -3 ...) that no other run has: ``mkdir`` fails when the
+    name is taken, so two runs started in the same second, here or on another machine sharing the disk, each
+    get their own."""
+    import itertools
+
+    from .config import run_start
+
+    start = time.localtime(run_start())
+    day = root / time.strftime("%Y-%m-%d", start)
+    day.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%H-%M-%S", start)
+    for n in itertools.count(1):
+        path = day / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+def check_named_run_dir(overrides: Sequence[str], resume: Any) -> bool:
+    """True when the command line names the run folder (hydra.run.dir); refused if another run is in it."""
+    from .config import torchrun_env
+
+    named = next((o.split("=", 1)[1] for o in overrides if _key(o) == "hydra.run.dir"), None)
+    if named is None:
+        return False
+    folder = Path(named).expanduser()
+    taken = folder.is_dir() and any(folder.iterdir())
+    if taken and not torchrun_env():  # a torchrun rank sees its peers' logs there: the launcher checked
+        if resume is None or Path(str(resume)).resolve() != folder.resolve():
+            raise ConfigError(
+                f"hydra.run.dir={named} already holds a run; a new run never writes into another's folder.\n"
+                f"Fix: resume={named} to continue that run from its checkpoint, or name a new folder (or drop "
+                "hydra.run.dir: every run gets a folder of its own)."
+            )
+    return True
+
+
+def choose_run_dir(overrides: Sequence[str], checked: Any) -> str | None:
+    """The run's folder: the one named by resume=, or hydra.run.dir=, or a new one of its own.
+
+    Under torchrun the global rank 0 chooses and publishes its choice in torchrun's store, where the other
+    ranks (on every node) and restarted workers find it: one folder per run, and a restart continues in it.
+    Returns None when the command line names the folder itself (hydra.run.dir).
+    """
+    from .config import agent_store, torchrun_env
+
+    resume = checked.cfg.get("resume")
+    if check_named_run_dir(overrides, resume):
+        return None
+    if resume is not None:
+        return str(resume)
+    if not torchrun_env():
+        return str(reserve_run_dir(Path("outputs")))
+    store = agent_store(f"adapters/run_dir/{os.environ.get('TORCHELASTIC_RUN_ID', '')}", timeout_s=600)
+    if store is None:  # a launcher without torchrun's store: every rank derives the folder from the start time
+        from .config import run_start
+
+        start = time.localtime(run_start())
+        return str(Path("outputs") / time.strftime("%Y-%m-%d", start) / time.strftime("%H-%M-%S", start))
+    if os.environ.get("RANK", "0") == "0" and not store.check(["dir"]):
+        store.set("dir", str(reserve_run_dir(Path("outputs"))))
+    return store.get("dir").decode()
+
+
 def _hand_to_torchrun(launcher: Any, argv: list[str]) -> int:
-    """launcher=torchrun: this machine's torchrun agent starts the workers, each running this app as one rank."""
+    """launcher=torchrun: this machine's torchrun agent starts the workers, each running this app as one rank.
+
+    The agent runs in a session of its own, so Ctrl-C and a closed terminal reach this process only; it passes
+    them on as SIGTERM, on which the agent stops its workers. If this process is killed outright, Linux kills
+    the agent (PR_SET_PDEATHSIG) and each worker, seeing its agent gone, stops itself.
+    """
     import subprocess
 
+    if launcher.nnodes == 1:  # one machine: a free port and a fresh run id, so concurrent runs never meet
+        rendezvous = ["--standalone"]
+    else:
+        rendezvous = [f"--rdzv_backend={launcher.rdzv_backend}", f"--rdzv_endpoint={launcher.rdzv_endpoint}",
+                      f"--rdzv_id={launcher.rdzv_id}"]  # fmt: skip
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nnodes={launcher.nnodes}",
-        f"--node_rank={launcher.node_rank}", f"--nproc_per_node={launcher.nproc}",
-        f"--rdzv_backend={launcher.rdzv_backend}", f"--rdzv_endpoint={launcher.rdzv_endpoint}",
-        f"--rdzv_id={launcher.rdzv_id}", f"--max_restarts={launcher.max_restarts}", "-m", "adapters.cli", *argv,
+        f"--node_rank={launcher.node_rank}", f"--nproc_per_node={launcher.nproc}", *rendezvous,
+        f"--max_restarts={launcher.max_restarts}", "-m", "adapters.cli", *argv,
     ]  # fmt: skip
     # torchrun would set OMP_NUM_THREADS=1 where it is unset; give each worker its share of the cores instead.
     n_threads, _ = threads.plan(launcher.threads_per_rank, launcher.nproc, os.environ)
@@ -154,7 +300,16 @@ def _hand_to_torchrun(launcher: Any, argv: list[str]) -> int:
     package_root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
     print(f"handing the run to torchrun: {' '.join(cmd[1:])}", flush=True)
-    return subprocess.call(cmd, env=env)
+    agent = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=lifetime.kill_me_with_parent)
+    try:
+        return agent.wait()
+    except BaseException:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(agent.pid, signal.SIGKILL)
+        raise
 
 
 # --- python -m adapters -----------------------------------------------------------------------------
@@ -214,14 +369,11 @@ def explain(overrides: Sequence[str], as_json: bool = False) -> str:
 
 def doctor(overrides: Sequence[str]) -> str:
     """Run only the probe, on every rank, and report what it found (no training)."""
-    import time
-
     from .config import compose, validate
     from .launch import launch
 
     checked = validate(compose(list(overrides)))
-    run_dir = Path("outputs") / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S-doctor")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = reserve_run_dir(Path("outputs"))
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     summary = launch(checked, run_dir.resolve(), probe_only=True)
     return f"{summary['probe'].report()}\n(logs: {run_dir}/rank<N>.log)"

@@ -99,6 +99,31 @@ def torchrun_env() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+_WORLD_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def check_launch_env() -> None:
+    """Refuse torch.distributed variables that no launcher set for this process (left over in the shell).
+
+    torchrun sets TORCHELASTIC_RUN_ID with them; another launcher (mpirun, a SLURM script) sets at least RANK,
+    WORLD_SIZE, MASTER_ADDR and MASTER_PORT. LOCAL_RANK and WORLD_SIZE alone would make this process wait, as
+    rank 0 of a world that never comes, for other ranks.
+    """
+    if "TORCHELASTIC_RUN_ID" in os.environ or "SUBMITIT_EXECUTOR" in os.environ or not torchrun_env():
+        return
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if not missing:
+        return
+    present = " ".join(f"{k}={os.environ[k]}" for k in _WORLD_VARS if k in os.environ)
+    raise ConfigError(
+        f"This shell sets {present}, but no launcher started this process: torchrun would also set "
+        f"TORCHELASTIC_RUN_ID, and {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing. Left over "
+        f"from an earlier run, they would make train.py wait as one rank of a world that never comes.\n"
+        f"Fix: unset {' '.join(k for k in _WORLD_VARS if k in os.environ)}  (then train.py starts its own "
+        "ranks), or start it with torchrun."
+    )
+
+
 def agent_store(prefix: str, timeout_s: float) -> Any:
     """A client of torchrun's agent store under ``prefix`` (None when not started by torchrun's agent).
 
@@ -134,6 +159,7 @@ def compose(overrides: Sequence[str] = (), *, with_choices: bool = False) -> Any
 
     With ``with_choices``: ``(cfg, {"ddp": "safe", ...})``, the option picked in each config group.
     """
+    import yaml
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -144,6 +170,7 @@ def compose(overrides: Sequence[str] = (), *, with_choices: bool = False) -> Any
     from .presets import check_trust, config_sources
 
     register_configs()
+    _check_searchpath(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -151,13 +178,76 @@ def compose(overrides: Sequence[str] = (), *, with_choices: bool = False) -> Any
     except (HydraException, OmegaConfBaseException) as exc:
         error = _explain_compose_error(exc, overrides)
         raise type(error)(f"{error}{_where(str(exc), overrides)}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"A config file is not valid YAML:\n{_indent(str(exc))}\nFix: correct that file (a shared preset's "
+            "owner can), or leave it out of the command line."
+        ) from None
     finally:
         GlobalHydra.instance().clear()
     choices = {k: v for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items() if "hydra/" not in k}
     with open_dict(cfg):
         del cfg["hydra"]
-    check_trust(choices, config_sources(overrides), list(cfg.trust.allowed_targets))
+    sources = config_sources(overrides)
+    _check_preset_exists(choices.get("preset"), sources)
+    check_trust(choices, sources, list(cfg.trust.allowed_targets))
     return (cfg, choices) if with_choices else cfg
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
+
+
+def _check_searchpath(overrides: Sequence[str]) -> None:
+    """A folder named in hydra.searchpath that does not exist would be skipped with a warning, and its presets
+    silently missing."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    searchpath = [o for o in overrides if _override_key(o) == "hydra.searchpath"]
+    try:
+        parsed = OverridesParser.create().parse_overrides(searchpath)
+    except HydraException as exc:
+        raise ConfigError(
+            f"{searchpath[0]}: {exc}\nFix: hydra.searchpath=[file://path/to/folder,pkg://module]"
+        ) from None
+    for override in parsed:
+        value = override.value()
+        if not isinstance(value, list):
+            raise ConfigError(
+                f"{override.input_line}: hydra.searchpath is a list.\nFix: 'hydra.searchpath=[file://{value}]'."
+            )
+        for url in value:
+            url = str(url)
+            if url.startswith("pkg://"):
+                continue
+            folder = Path(url.removeprefix("file://")).expanduser()
+            if not folder.is_dir():
+                raise ConfigError(
+                    f"hydra.searchpath names {url}, but {folder.resolve()} is not a folder.\n"
+                    "Fix: point it at the folder that holds preset/, ddp/ ... (file://path), or at a package "
+                    "(pkg://module)."
+                )
+
+
+def _check_preset_exists(name: Any, sources: Any) -> None:
+    """``optional preset`` in the defaults list makes Hydra skip a preset it cannot find; refuse it instead."""
+    if not name:
+        return
+    from hydra.core.object_type import ObjectType
+
+    from .presets import locate
+
+    if locate(sources, "preset", str(name)) is not None:
+        return
+    known = sorted(
+        {n for src in sources if src.obj.is_group("preset") for n in src.obj.list("preset", ObjectType.CONFIG)}
+    )
+    raise ConfigError(
+        f"preset={name}: there is no such preset. Available: {', '.join(known) or 'none'}.\n"
+        "Fix: preset=<one of them>; a team's presets need their folder on hydra.searchpath=[file://...] or "
+        "their package installed (python -m adapters presets lists what is visible)."
+    )
 
 
 _IN_CONFIG = re.compile(r"^In '([^'/]+)/([^']+)':")
@@ -180,6 +270,8 @@ _INVALID_VALUE = re.compile(r"Invalid value '([^']*)', expected one of \[([^\]]*
 _FULL_KEY = re.compile(r"full_key: (\S+)")
 _KEY_NOT_IN = re.compile(r"Key '([^']+)' not in '([^']+)'")
 _NO_OPTION = re.compile(r"Could not find '([^']+)/([^'/]+)'")
+_CONVERT = re.compile(r"Value '([^']*)' of type '[^']*' could not be converted to (\w+)")
+_NOT_BOOL = re.compile(r"Value '([^']*)' is not a valid bool")
 _OPTIONS = re.compile(r"Available options in '[^']+':\n((?:\t.*\n?)+)")
 
 
@@ -218,6 +310,15 @@ def _explain_compose_error(exc: Exception, overrides: Sequence[str]) -> ConfigEr
     full_key = _FULL_KEY.search(detail)
     if not_in and full_key:
         return unknown_key_error(full_key.group(1), schema_fields(not_in.group(2)))
+    convert = _CONVERT.search(detail) or _NOT_BOOL.search(detail)
+    if convert and full_key:
+        value = convert.group(1)
+        kind = convert.group(2) if convert.re is _CONVERT else "Boolean"
+        wanted = {"Integer": "a whole number", "Float": "a number", "Boolean": "true or false"}.get(kind, kind)
+        example = {"Integer": "2", "Float": "1.5", "Boolean": "true"}.get(kind, "<value>")
+        key = full_key.group(1)
+        return ConfigError(f"{key}={value} is not a valid value: {key} takes {wanted}.\nFix: {key}=<{wanted}>, "
+                           f"e.g. {key}={example}.")  # fmt: skip
     invalid = _INVALID_VALUE.search(detail)
     if invalid:
         full_key = _FULL_KEY.search(detail)
@@ -257,6 +358,8 @@ def unknown_key_error(key: str, valid: Sequence[str]) -> ConfigError:
         lines.append(f"Fix: {prefix}{close[0]}=<value>.")
     elif not valid and parent:
         lines.append(f"{parent} is an open mapping: add the key with +{key}=<value>.")
+    else:
+        lines.append(f"Fix: drop {key} from the command line (or the config that sets it), or use one of those keys.")
     return ConfigError("\n".join(lines))
 
 
@@ -305,18 +408,8 @@ def validate(cfg: DictConfig, *, for_run: bool = True) -> Checked:
     memory = to_object(cfg.memory, MemoryPolicy, "memory")
     check_policy(policy)
     check_kwargs(policy)
-    if launcher.nproc < 1:
-        raise ConfigError(
-            f"launcher.nproc={launcher.nproc}: the number of worker processes must be at least 1.\n"
-            "Fix: launcher.nproc=2 (or the number of GPUs on this machine)."
-        )
-    if launcher.threads_per_rank < 0:
-        raise ConfigError(
-            f"launcher.threads_per_rank={launcher.threads_per_rank}: intra-op threads per rank must be 0 (one "
-            "share of this machine's CPUs per rank) or a positive number.\nFix: launcher.threads_per_rank=0."
-        )
-    if launcher.grace_s < 0:
-        raise ConfigError(f"launcher.grace_s={launcher.grace_s} must be >= 0.")
+    _check_root(cfg)
+    check_launcher(launcher, for_run=for_run)
     name = cfg.framework.get("name") if isinstance(cfg.framework, DictConfig) else None
     if name not in registry.FRAMEWORKS:
         raise ConfigError(f"framework.name={name!r} is not one of: {', '.join(registry.FRAMEWORKS)}.")
@@ -330,8 +423,120 @@ def validate(cfg: DictConfig, *, for_run: bool = True) -> Checked:
         to_object(cfg.framework, schema, "framework")
     if for_run:
         adapter.validate(cfg.framework)
-    check_memory(memory, name)
+    check_memory(memory, name, cfg.framework.get("batch_size") if name == "torch" else None)
+    check_resume(cfg.get("resume"), name)
     return Checked(cfg, policy, launcher, memory, name)
+
+
+def _check_root(cfg: DictConfig) -> None:
+    from .policy import RunConfig
+
+    valid = [f.name for f in fields(RunConfig)]
+    for key in cfg.keys():
+        if key not in valid:
+            raise unknown_key_error(str(key), valid)
+
+
+def check_launcher(launcher: LauncherConfig, *, for_run: bool = True) -> None:
+    """What torch, torchrun or the sockets would refuse later, refused now with the range and the fix."""
+    import ipaddress
+
+    from .policy import LauncherName, out_of_range
+
+    torchrun = launcher.name is LauncherName.torchrun
+    if launcher.nproc < 1:
+        raise out_of_range("launcher.nproc", launcher.nproc, "the number of worker processes must be at least 1",
+                           "launcher.nproc=2 (or the number of GPUs on this machine)")  # fmt: skip
+    if launcher.threads_per_rank < 0:
+        raise out_of_range("launcher.threads_per_rank", launcher.threads_per_rank, "intra-op threads per rank must "
+                           "be 0 (one share of this machine's CPUs per rank) or a positive number",
+                           "launcher.threads_per_rank=0")  # fmt: skip
+    if launcher.grace_s < 0:
+        raise out_of_range("launcher.grace_s", launcher.grace_s, "seconds the other ranks get to report after a "
+                           "failure must be 0 or more", "launcher.grace_s=3 (the default)")  # fmt: skip
+    if launcher.heartbeat_s != 0 and launcher.heartbeat_s < 3:
+        raise out_of_range("launcher.heartbeat_s", launcher.heartbeat_s, "a rank beats once a second, so a frozen "
+                           "rank is told apart after 3 s at the earliest; 0 turns the watch off",
+                           "launcher.heartbeat_s=60 (the default), or 0")  # fmt: skip
+    if not 0 <= launcher.master_port <= 65535:
+        raise out_of_range("launcher.master_port", launcher.master_port, "a TCP port is 1 to 65535, and 0 picks a "
+                           "free one", "launcher.master_port=0")  # fmt: skip
+    host = launcher.master_addr
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}"
+                            r"[A-Za-z0-9])?)*", host) or re.fullmatch(r"[0-9.]+", host):  # fmt: skip
+            raise ConfigError(
+                f"launcher.master_addr={host} is neither an IP address nor a host name.\n"
+                "Fix: launcher.master_addr=127.0.0.1 (the local launcher runs every rank on this machine)."
+            ) from None
+    if launcher.nnodes < 1:
+        raise out_of_range("launcher.nnodes", launcher.nnodes, "at least 1 machine takes part", "launcher.nnodes=1")
+    if not 0 <= launcher.node_rank < launcher.nnodes:
+        raise out_of_range("launcher.node_rank", launcher.node_rank, f"with launcher.nnodes={launcher.nnodes} "
+                           f"machines, this machine's index is 0 to {launcher.nnodes - 1}",
+                           f"launcher.node_rank=<0..{launcher.nnodes - 1}>, different on each machine")  # fmt: skip
+    if launcher.max_restarts < 0:
+        raise out_of_range("launcher.max_restarts", launcher.max_restarts, "restarts must be 0 or more",
+                           "launcher.max_restarts=0")  # fmt: skip
+    if not torchrun:
+        for key in ("max_restarts", "nnodes", "node_rank"):
+            if getattr(launcher, key) != getattr(LauncherConfig, key):
+                raise ConfigError(
+                    f"launcher.{key}={getattr(launcher, key)} needs launcher=torchrun: the local launcher runs one "
+                    "machine's ranks once and has no agent to restart them or meet other machines.\n"
+                    f"Fix: launcher=torchrun launcher.{key}={getattr(launcher, key)}, or drop launcher.{key}."
+                )
+    rdzv = ("c10d", "static", "etcd", "etcd-v2")
+    if launcher.rdzv_backend not in rdzv:
+        raise ConfigError(f"launcher.rdzv_backend={launcher.rdzv_backend} is not one of: {', '.join(rdzv)}.\n"
+                          "Fix: launcher.rdzv_backend=c10d.")  # fmt: skip
+    endpoint = re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s]+)(?::(\d+))?", launcher.rdzv_endpoint)
+    if not endpoint or (endpoint.group(2) and not 1 <= int(endpoint.group(2)) <= 65535):
+        raise ConfigError(
+            f"launcher.rdzv_endpoint={launcher.rdzv_endpoint} is not host:port (a port 1 to 65535).\n"
+            "Fix: launcher.rdzv_endpoint=<node 0's host>:29400."
+        )
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", launcher.rdzv_id):
+        raise ConfigError(f"launcher.rdzv_id={launcher.rdzv_id} may hold letters, digits, '.', '_' and '-' only.\n"
+                          "Fix: launcher.rdzv_id=<a name for this run, the same on every node>.")  # fmt: skip
+    if for_run and not torchrun and not torchrun_env():
+        import socket
+
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind((host, launcher.master_port))
+        except OSError as exc:
+            if launcher.master_port and exc.errno == 98:
+                raise ConfigError(
+                    f"launcher.master_port={launcher.master_port} is in use on this machine (another run?).\n"
+                    "Fix: launcher.master_port=0 (picks a free port)."
+                ) from None
+            raise ConfigError(
+                f"launcher.master_addr={host} is not an address of this machine ({exc.strerror}); the local "
+                "launcher runs every rank here.\nFix: launcher.master_addr=127.0.0.1."
+            ) from None
+
+
+def check_resume(resume: Any, framework: str) -> None:
+    if resume is None:
+        return
+    if framework != "torch":
+        raise ConfigError(
+            f"resume={resume}: resuming a run is built for framework=torch, whose loop is ours; "
+            f"framework={framework} runs its own loop.\nFix: drop resume (the run starts afresh in a new folder)."
+        )
+    folder = Path(str(resume)).expanduser()
+    last = folder / "checkpoints" / "last.pt"
+    if not last.is_file():
+        found = sorted(p.parent.parent for p in Path("outputs").glob("*/*/checkpoints/last.pt"))[-3:]
+        listed = "\n".join(f"  resume={p}" for p in found) or "  (none under outputs/)"
+        raise ConfigError(
+            f"resume={resume}: {'there is no such folder' if not folder.is_dir() else f'{last} does not exist'}.\n"
+            f"Run folders with a checkpoint, newest last:\n{listed}\n"
+            "Fix: resume=<one of them>, or drop resume to start afresh."
+        )
 
 
 def resolve_backend(backend: Backend, local_procs: int) -> Backend:
@@ -346,6 +551,7 @@ def resolve_backend(backend: Backend, local_procs: int) -> Backend:
 
 
 def check_backend(launcher: LauncherConfig) -> None:
+    """nccl needs a GPU for every local process."""
     if launcher.backend is not Backend.nccl:
         return
     import torch

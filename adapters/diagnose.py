@@ -38,7 +38,7 @@ class Diagnosis:
 
     rank: int
     # unused_parameters | graph_changed | ready_twice | ignored_got_grad | replicas_differ | workers_died | oom |
-    # timeout | peer_lost | error
+    # timeout | peer_lost | frozen (no heartbeat: named by the launcher) | error
     kind: str
     summary: str  # one line
     original: str  # the exception as torch (or the framework) raised it
@@ -196,7 +196,7 @@ _FIXES = {
 
 
 _FROM_DDP = ("unused_parameters", "graph_changed", "ready_twice")
-_OURS = ("ignored_got_grad", "replicas_differ")
+_OURS = ("ignored_got_grad", "replicas_differ", "frozen")
 
 
 def _probe_missed(d: Diagnosis) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from . import threads
+from . import lifetime, threads
 from .config import Checked, agent_store, resolve_backend, torchrun_env
 from .diagnose import Diagnosis, format_failure
 from .errors import RunFailed
@@ -38,7 +38,7 @@ def launch(checked: Checked, run_dir: Path, *, probe_only: bool = False) -> dict
     ``probe_only``: every rank stops after the probe (``python -m adapters doctor``); the summary holds it.
     """
     cfg = OmegaConf.to_container(checked.cfg, resolve=True, enum_to_str=True)
-    cfg = {k: cfg[k] for k in ("framework", "ddp", "launcher", "memory")}
+    cfg = {k: cfg[k] for k in ("framework", "ddp", "launcher", "memory", "resume")}
     if torchrun_env():
         return _run_in_place(checked, cfg, run_dir, probe_only)
     return _run_local(checked, cfg, run_dir, probe_only)
@@ -50,7 +50,9 @@ def free_port(addr: str) -> int:
         return s.getsockname()[1]
 
 
-def _spawned(spec: WorkerSpec, conn: Connection) -> None:
+def _spawned(spec: WorkerSpec, conn: Connection, beats: Any) -> None:
+    lifetime.die_with_parent(kernel=True)  # started from the launcher's main thread
+    lifetime.start_heartbeat(beats, spec.rank)
     outcome = run_worker(spec, exits=True)
     try:
         conn.send(outcome)
@@ -72,36 +74,43 @@ def _run_local(checked: Checked, cfg: dict[str, Any], run_dir: Path, probe_only:
     log.info("starting %d worker process(es), backend %s, run folder %s", nproc, backend.name, run_dir)
     n_threads, threads_why = threads.plan(launcher.threads_per_rank, nproc, os.environ)
     context = mp.get_context("spawn")
+    beats = context.Array("d", nproc, lock=False)  # each rank's last heartbeat (time.monotonic)
     procs: dict[int, Any] = {}
     conns: dict[int, Connection] = {}
-    for rank in range(nproc):
-        env = {"MASTER_ADDR": launcher.master_addr, "MASTER_PORT": str(port), "RANK": str(rank),
-               "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
-               **threads.env_for(n_threads)}  # fmt: skip
-        spec = WorkerSpec(rank, rank, nproc, checked.framework, cfg, str(run_dir), backend.name, env, probe_only,
-                          n_threads, threads_why)  # fmt: skip
-        receive, send = context.Pipe(duplex=False)
-        proc = context.Process(target=_spawned, args=(spec, send), name=f"rank{rank}")
-        proc.start()
-        send.close()
-        procs[rank], conns[rank] = proc, receive
-
     outcomes: dict[int, Outcome] = {}
     stopped: set[int] = set()
+    silent: dict[int, float] = {}
     try:
-        _watch(procs, conns, outcomes, stopped, launcher.grace_s)
-    except BaseException:  # Ctrl-C or a bug here: never leave workers behind
+        for rank in range(nproc):
+            env = {"MASTER_ADDR": launcher.master_addr, "MASTER_PORT": str(port), "RANK": str(rank),
+                   "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
+                   **threads.env_for(n_threads)}  # fmt: skip
+            spec = WorkerSpec(rank, rank, nproc, checked.framework, cfg, str(run_dir), backend.name, env,
+                              probe_only, n_threads, threads_why)  # fmt: skip
+            receive, send = context.Pipe(duplex=False)
+            proc = context.Process(target=_spawned, args=(spec, send, beats), name=f"rank{rank}")
+            with lifetime.terminal_signals_ignored():
+                proc.start()
+            send.close()
+            procs[rank], conns[rank] = proc, receive
+        _watch(procs, conns, outcomes, stopped, launcher.grace_s, beats, launcher.heartbeat_s, silent)
+    except BaseException:  # Ctrl-C, SIGTERM, or a bug here: never leave workers behind
         _stop([p for p in procs.values() if p.is_alive()])
         raise
-    return _verdict(procs, outcomes, stopped, run_dir)
+    return _verdict(procs, outcomes, stopped, run_dir, silent, launcher)
 
 
-def _watch(procs, conns, outcomes, stopped, grace_s: float) -> None:
+def _watch(procs, conns, outcomes, stopped, grace_s: float, beats: Any, heartbeat_s: float, silent) -> None:
+    """Collect outcomes until every rank has ended. After the first failure the others get ``grace_s`` to
+    report; a rank whose heartbeat is older than ``heartbeat_s`` (0: not watched) is named and all are stopped."""
     failed_at: float | None = None
     open_conns = dict(conns)
+    started = time.monotonic()
     while any(p.exitcode is None for p in procs.values()) or open_conns:
         waitables = [p.sentinel for p in procs.values() if p.exitcode is None] + list(open_conns.values())
         timeout = None if failed_at is None else max(0.0, failed_at + grace_s - time.monotonic())
+        if heartbeat_s:
+            timeout = 1.0 if timeout is None else min(timeout, 1.0)
         ready = wait(waitables, timeout)
         for rank, conn in list(open_conns.items()):
             if conn in ready:
@@ -113,6 +122,23 @@ def _watch(procs, conns, outcomes, stopped, grace_s: float) -> None:
         for proc in procs.values():
             if proc.sentinel in ready:
                 proc.join()
+        if heartbeat_s and not silent:
+            now = time.monotonic()
+            for rank, proc in procs.items():
+                last = beats[rank] or started
+                if proc.exitcode is None and rank in open_conns and now - last > heartbeat_s:
+                    silent[rank] = now - last
+            if silent:
+                log.error(
+                    "%s stopped answering (no heartbeat for %.0f s, launcher.heartbeat_s=%g): stopping every rank",
+                    ", ".join(f"rank {r}" for r in sorted(silent)), max(silent.values()), heartbeat_s,
+                )  # fmt: skip
+                alive = {r: p for r, p in procs.items() if p.exitcode is None}
+                stopped.update(r for r in alive if r not in silent)
+                _stop(list(alive.values()))
+                for rank in alive:
+                    open_conns.pop(rank, None)
+                continue
         failing = [r for r, o in outcomes.items() if not o.ok] + [
             r for r, p in procs.items() if p.exitcode not in (None, 0) and r not in outcomes and r not in open_conns
         ]
@@ -132,6 +158,11 @@ def _watch(procs, conns, outcomes, stopped, grace_s: float) -> None:
 def _stop(procs: list[Any], patience: float = 5.0) -> None:
     for proc in procs:
         proc.terminate()
+        if proc.pid:
+            try:
+                os.kill(proc.pid, signal.SIGCONT)  # a stopped process acts on SIGTERM only once continued
+            except ProcessLookupError:
+                pass
     deadline = time.monotonic() + patience
     for proc in procs:
         proc.join(max(0.0, deadline - time.monotonic()))
@@ -149,7 +180,9 @@ def _exit_text(code: int | None) -> str:
     return f"exit code {code}"
 
 
-def _verdict(procs, outcomes: dict[int, Outcome], stopped: set[int], run_dir: Path) -> dict[str, Any]:
+def _verdict(
+    procs, outcomes: dict[int, Outcome], stopped: set[int], run_dir: Path, silent: dict[int, float], launcher: Any
+) -> dict[str, Any]:
     diagnoses: list[Diagnosis] = []
     for rank, proc in sorted(procs.items()):
         outcome = outcomes.get(rank)
@@ -159,6 +192,13 @@ def _verdict(procs, outcomes: dict[int, Outcome], stopped: set[int], run_dir: Pa
             continue
         if outcome is not None:
             diagnoses.append(outcome.diagnosis)
+        elif rank in silent:
+            diagnoses.append(Diagnosis(
+                rank, "frozen", f"rank {rank} stopped answering",
+                f"Rank {rank} stopped answering: no heartbeat for {silent[rank]:.0f} s (launcher.heartbeat_s="
+                f"{launcher.heartbeat_s:g}). It was stopped by a signal (SIGSTOP, a debugger, a suspended job) or is "
+                "stuck in native code that holds Python's GIL; every rank was stopped so that none waits for it.",
+            ))  # fmt: skip
         elif rank not in stopped:
             diagnoses.append(Diagnosis(
                 rank, "error",
@@ -167,8 +207,16 @@ def _verdict(procs, outcomes: dict[int, Outcome], stopped: set[int], run_dir: Pa
             ))  # fmt: skip
     if diagnoses:
         note = ""
-        if stopped:
-            note = f"\n(stopped ranks {', '.join(map(str, sorted(stopped)))} after the failure so none is left waiting)"
+        late = sorted(stopped - {d.rank for d in diagnoses})
+        if late and not silent:
+            which = ", ".join(map(str, late))
+            note = (
+                f"\n(rank{'s' if len(late) > 1 else ''} {which} had not reported {launcher.grace_s:g} s after the "
+                f"first failure (launcher.grace_s) and {'were' if len(late) > 1 else 'was'} stopped, so none is left "
+                f"waiting: {'their' if len(late) > 1 else 'its'} own error, if any, is in rank{late[0]}.log)"
+            )
+        elif late:
+            note = f"\n(stopped rank{'s' if len(late) > 1 else ''} {', '.join(map(str, late))} with it)"
         raise RunFailed(f"{format_failure(diagnoses)}{note}\nLogs: {run_dir}/rank<N>.log")
     return outcomes[0].summary
 

@@ -67,6 +67,7 @@ OWNED_DDP_KWARGS = {
     "find_unused_parameters": "use ddp.unused_params=find",
     "static_graph": "use ddp.unused_params=static",
     "broadcast_buffers": "use ddp.broadcast_buffers",
+    "forward_sync_buffers": "use ddp.broadcast_buffers (passed as forward_sync_buffers where torch has it)",
     "bucket_cap_mb": "use ddp.bucket_cap_mb",
     "gradient_as_bucket_view": "use ddp.gradient_as_bucket_view",
 }
@@ -85,8 +86,10 @@ class DDPPolicy:
     broadcast_buffers: Optional[bool] = None
     bucket_cap_mb: Optional[float] = None
     gradient_as_bucket_view: Optional[bool] = None
-    # Seconds a collective may wait before the process group gives up (None: torch's default).
-    timeout_s: Optional[int] = None
+    # Seconds a collective (and the start-up rendezvous) may wait for the other ranks before the process group
+    # gives up and the run stops naming the ranks that never came. 10 minutes, NCCL's own default, leaves
+    # room for a slow checkpoint or a rank-0-only evaluation; null: torch's default (30 minutes on gloo).
+    timeout_s: Optional[int] = 600
     # Any other DistributedDataParallel keyword argument, checked against its signature before launch.
     kwargs: Dict[str, Any] = field(default_factory=dict)
     # With ignore: parameter or module names to leave out of DDP (globs allowed, e.g. "decoder.seg_layers.*").
@@ -124,6 +127,10 @@ class LauncherConfig:
     threads_per_rank: int = 0
     # After one rank fails, how long the others get to report their own error before they are stopped.
     grace_s: float = 3.0
+    # launcher=local: a rank whose heartbeat (a thread writing the time every second) is this many seconds
+    # old is named and every rank stopped: frozen (SIGSTOP, a debugger) or stuck in native code holding the
+    # GIL. 0: not watched. Deadlocks that still beat are bounded by ddp.timeout_s.
+    heartbeat_s: float = 60.0
     # torchrun only: machines taking part, this machine's index, and where the agents meet.
     nnodes: int = 1
     node_rank: int = 0
@@ -183,19 +190,35 @@ class RunConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     memory: MemoryPolicy = field(default_factory=MemoryPolicy)
     trust: TrustConfig = field(default_factory=TrustConfig)
+    # Continue the run in this folder (outputs/<date>/<time>) from its checkpoints/last.pt, in that folder.
+    # Without it every run starts afresh in a new folder of its own.
+    resume: Optional[str] = None
 
 
 def schema_keys(schema: type) -> list[str]:
     return [f.name for f in fields(schema)]
 
 
-def check_memory(memory: MemoryPolicy, framework: str) -> None:
+def out_of_range(key: str, value: Any, rule: str, fix: str) -> ConfigError:
+    """The one form of a value outside its range: the key, the value, the range, the fix."""
+    return ConfigError(f"{key}={value} is out of range: {rule}.\nFix: {fix}.")
+
+
+def check_memory(memory: MemoryPolicy, framework: str, framework_batch_size: Optional[int] = None) -> None:
     for key in ("batch_size", "min_batch_size"):
         value = getattr(memory, key)
         if value is not None and value < 1:
-            raise ConfigError(f"memory.{key}={value} must be at least 1.")
+            raise out_of_range(f"memory.{key}", value, "it must be at least 1", f"memory.{key}=1 or more")
     if memory.num_workers is not None and memory.num_workers < 0:
-        raise ConfigError(f"memory.num_workers={memory.num_workers} must be 0 (in the training process) or more.")
+        raise out_of_range("memory.num_workers", memory.num_workers, "it must be 0 (load in the training process) "
+                           "or more", "memory.num_workers=0")  # fmt: skip
+    batch = memory.batch_size if memory.batch_size is not None else framework_batch_size
+    if memory.on_oom is OnOOM.halve and batch is not None and memory.min_batch_size > batch:
+        raise out_of_range(
+            "memory.min_batch_size", memory.min_batch_size,
+            f"the smallest batch size to halve down to cannot exceed the batch size ({batch} per process)",
+            f"memory.min_batch_size={batch} or less, or a larger memory.batch_size",
+        )  # fmt: skip
     if memory.on_oom is OnOOM.halve and framework != "torch":
         raise ConfigError(
             f"memory.on_oom=halve needs a training loop that can drop a step and change its batch size: "
@@ -207,7 +230,14 @@ def check_memory(memory: MemoryPolicy, framework: str) -> None:
 def check_policy(policy: DDPPolicy) -> None:
     """What the schema cannot check by itself."""
     if policy.probe_steps < 1:
-        raise ConfigError(f"ddp.probe_steps={policy.probe_steps} must be at least 1 (2 tells a changing graph apart).")
+        raise out_of_range("ddp.probe_steps", policy.probe_steps, "it must be at least 1 (2 tells a changing graph "
+                           "apart)", "ddp.probe_steps=2")  # fmt: skip
+    if policy.timeout_s is not None and policy.timeout_s < 1:
+        raise out_of_range("ddp.timeout_s", policy.timeout_s, "seconds a collective may wait must be at least 1 "
+                           "(null: torch's own default, 30 minutes)", "ddp.timeout_s=600 (the default)")  # fmt: skip
+    if policy.bucket_cap_mb is not None and not policy.bucket_cap_mb > 0:
+        raise out_of_range("ddp.bucket_cap_mb", policy.bucket_cap_mb, "DDP's gradient buckets need a size above 0 "
+                           "MiB (null: DDP's own 25)", "ddp.bucket_cap_mb=25, or leave it out")  # fmt: skip
     if policy.check_replicas_every < 0:
         raise ConfigError(
             f"ddp.check_replicas_every={policy.check_replicas_every} must be 0 (only at the end of the run) or more."

@@ -161,10 +161,12 @@ def run_worker(spec: WorkerSpec, exits: bool = False) -> Outcome:
 
 
 def save_replica_for_test(ctx: Any) -> None:
-    """Test hook: ADAPTERS_TEST_SAVE_REPLICAS=1 makes every rank write a SHA-256 of each of its model's
-    parameters to <run folder>/replica_rank<N>.json, so that the tests compare the replicas themselves,
-    independently of the replica check."""
-    if not os.environ.get("ADAPTERS_TEST_SAVE_REPLICAS") or ctx.ddp_model is None:
+    """Test hook: ADAPTERS_TEST_SAVE_REPLICAS=1 (armed by ADAPTERS_TEST_HOOKS=1) makes every rank write a
+    SHA-256 of each of its model's parameters to <run folder>/replica_rank<N>.json, so that the tests compare
+    the replicas themselves, independently of the replica check."""
+    from .testhooks import armed
+
+    if ctx.ddp_model is None or not armed("ADAPTERS_TEST_SAVE_REPLICAS"):
         return
     import hashlib
     import json

@@ -14,10 +14,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train.py"
 # my_pkg (a user's own model and data) is importable in every rank through PYTHONPATH. Every rank writes a
-# digest of its parameters at the end of a run (ADAPTERS_TEST_SAVE_REPLICAS), which `run` compares.
-# Threads per rank are left to the launcher (launcher.threads_per_rank), as a user's runs have them.
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "HYDRA_FULL_ERROR": "",
-       "ADAPTERS_TEST_SAVE_REPLICAS": "1"}  # fmt: skip
+# digest of its parameters at the end of a run (ADAPTERS_TEST_SAVE_REPLICAS), which `run` compares; test
+# hooks act only with ADAPTERS_TEST_HOOKS=1. Stale torch.distributed variables of the calling shell are
+# dropped. Threads per rank are left to the launcher (launcher.threads_per_rank), as a user's runs have them.
+_STALE = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+ENV = {**{k: v for k, v in os.environ.items() if k not in _STALE},
+       "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "HYDRA_FULL_ERROR": "",
+       "ADAPTERS_TEST_HOOKS": "1", "ADAPTERS_TEST_SAVE_REPLICAS": "1"}  # fmt: skip
 
 
 def run(cmd: list[str], cwd: Path, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:

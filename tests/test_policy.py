@@ -7,7 +7,7 @@ import json
 import pytest
 
 from adapters import registry
-from adapters.base import ddp_kwargs, debug_env
+from adapters.base import buffer_sync_kwarg, ddp_kwargs, debug_env
 from adapters.cli import explain
 from adapters.config import compose, conf_dir, validate
 from adapters.errors import ConfigError
@@ -45,7 +45,8 @@ def test_every_framework_and_preset_compose_and_translate(framework, preset):
 
 def test_pass_through_settings_only_when_set():
     policy = DDPPolicy(broadcast_buffers=False, bucket_cap_mb=50, kwargs={"init_sync": True})
-    assert ddp_kwargs(policy) == {"broadcast_buffers": False, "bucket_cap_mb": 50, "init_sync": True}
+    # torch 2.13 renamed broadcast_buffers; the installed torch's name is used, so no FutureWarning is raised.
+    assert ddp_kwargs(policy) == {buffer_sync_kwarg(): False, "bucket_cap_mb": 50, "init_sync": True}
     assert ddp_kwargs(DDPPolicy()) == {}
 
 

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from adapters.base import buffer_sync_kwarg
+
 from adapter_contract import AdapterContract
 from conftest import TRAIN, output, run, run_dirs, train
 
@@ -85,11 +87,12 @@ def test_overrides_reach_ddp_in_every_rank(workdir):
                  "framework.log_every=2")  # fmt: skip
     assert proc.returncode == 0, output(proc)
     assert "step 4/4" in proc.stdout
+    assert "is deprecated" not in output(proc), "torch's FutureWarning for a deprecated DDP argument"
     [run_dir] = run_dirs(workdir)
     logs = rank_logs(run_dir)
     assert len(logs) == 4
     for text in logs.values():
-        assert ("DDP as built: find_unused_parameters=True, static_graph=False, broadcast_buffers=False, "
+        assert (f"DDP as built: find_unused_parameters=True, static_graph=False, {buffer_sync_kwarg()}=False, "
                 "bucket_cap_mb=50.0") in text  # fmt: skip
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..base import Adapter, NativeSettings, WorkerContext, ddp_kwargs, debug_env, policy_notes
 from ..errors import ConfigError
-from ..policy import Backend, DDPPolicy, MemoryPolicy
+from ..policy import Backend, DDPPolicy, MemoryPolicy, out_of_range
 
 
 def trainer_kwargs(policy: DDPPolicy) -> dict[str, Any]:
@@ -106,9 +106,14 @@ class FastNLPAdapter(Adapter):
     def validate(self, framework_cfg: Any) -> None:
         for key in ("n_epochs", "batch_size", "num_samples", "seq_len", "hidden"):
             if framework_cfg[key] < 1:
-                raise ConfigError(f"framework.{key}={framework_cfg[key]} must be at least 1.")
+                raise out_of_range(f"framework.{key}", framework_cfg[key], "it must be at least 1",
+                                   f"framework.{key}=1 or more")  # fmt: skip
         if framework_cfg.vocab_size < 4:
-            raise ConfigError(f"framework.vocab_size={framework_cfg.vocab_size} must be at least 4.")
+            raise out_of_range("framework.vocab_size", framework_cfg.vocab_size, "it must be at least 4",
+                               "framework.vocab_size=64")  # fmt: skip
+        if not framework_cfg.lr > 0:
+            raise out_of_range("framework.lr", framework_cfg.lr, "the learning rate must be above 0",
+                               "framework.lr=0.05")  # fmt: skip
         choices = ("raw", "rich", "tqdm", "auto")
         if framework_cfg.progress_bar not in choices:
             raise ConfigError(

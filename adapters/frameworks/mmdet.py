@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..base import Adapter, NativeSettings, WorkerContext, ddp_kwargs, debug_env, policy_notes
+from ..base import Adapter, NativeSettings, WorkerContext, buffer_sync_kwarg, ddp_kwargs, debug_env, policy_notes
 from ..errors import ConfigError, MissingDependency
-from ..policy import Backend, DDPPolicy, MemoryPolicy
+from ..policy import Backend, DDPPolicy, MemoryPolicy, out_of_range
 
 DEMO_CONFIG = "mmdet::retinanet/retinanet_r18_fpn_1x_coco.py"
 WRAPPER = "MMDistributedDataParallel"
@@ -63,7 +63,7 @@ class MMDetAdapter(Adapter):
 
     def translate(self, policy: DDPPolicy, *, backend: Backend) -> NativeSettings:
         kwargs = ddp_kwargs(policy)
-        kwargs.setdefault("broadcast_buffers", False)  # mmengine's default when it builds the wrapper itself
+        kwargs.setdefault(buffer_sync_kwarg(), False)  # mmengine's default when it builds the wrapper itself
         wrapper: dict[str, Any] = {"type": WRAPPER, **kwargs}
         notes = [
             "model_wrapper_cfg is what mmengine's Runner reads; model.train_cfg.find_unused_parameters is not "
@@ -109,7 +109,11 @@ class MMDetAdapter(Adapter):
         for key in ("max_iters", "batch_size", "num_images", "image_size"):
             value = framework_cfg[key]
             if value is not None and value < 1:
-                raise ConfigError(f"framework.{key}={value} must be at least 1.")
+                raise out_of_range(f"framework.{key}", value, "it must be at least 1 (or null: the config's own)",
+                                   f"framework.{key}=1 or more")  # fmt: skip
+        if framework_cfg.num_workers is not None and framework_cfg.num_workers < 0:
+            raise out_of_range("framework.num_workers", framework_cfg.num_workers, "DataLoader workers per rank must "
+                               "be 0 (load in the training process) or more", "framework.num_workers=0")  # fmt: skip
 
     def run(self, ctx: WorkerContext) -> dict[str, Any]:
         import torch.distributed as dist
@@ -223,6 +227,9 @@ def apply_policy(cfg: Any, native: NativeSettings, policy: DDPPolicy) -> list[st
                 f"ddp.unused_params={policy.unused_params.name} means {key}={wrapper.get(key, False)}."
             )
         existing.pop(key, None)
+    sync = buffer_sync_kwarg()
+    if sync != "broadcast_buffers" and "broadcast_buffers" in existing:  # the name torch deprecated: pass it on
+        existing.setdefault(sync, existing.pop("broadcast_buffers"))  # under the new one, never both
     owned = set(ddp_kwargs(policy)) | ({"device_ids"} & set(wrapper))
     merged = {**wrapper, **existing}
     merged.update({key: wrapper[key] for key in owned})

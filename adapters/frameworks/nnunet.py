@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from ..base import Adapter, NativeSettings, WorkerContext, ddp_kwargs, debug_env, policy_notes
 from ..errors import ConfigError
-from ..policy import Backend, DDPPolicy, MemoryPolicy
+from ..policy import Backend, DDPPolicy, MemoryPolicy, out_of_range
 
 SYNTHETIC = "Dataset001_Blobs"
 FOLDER_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
@@ -116,11 +116,16 @@ class NNUNetAdapter(Adapter):
         fw = framework_cfg
         for key in ("epochs", "iterations_per_epoch", "num_images", "image_size"):
             if fw[key] < 1:
-                raise ConfigError(f"framework.{key}={fw[key]} must be at least 1.")
+                raise out_of_range(f"framework.{key}", fw[key], "it must be at least 1", f"framework.{key}=1 or more")
+        if fw.val_iterations_per_epoch < 0:
+            raise out_of_range("framework.val_iterations_per_epoch", fw.val_iterations_per_epoch, "it must be 0 or "
+                               "more", "framework.val_iterations_per_epoch=1")  # fmt: skip
         if fw.batch_size is not None and fw.batch_size < 1:
-            raise ConfigError(f"framework.batch_size={fw.batch_size} must be at least 1 (or null for the plan's).")
+            raise out_of_range("framework.batch_size", fw.batch_size, "it must be at least 1 (or null: the plan's)",
+                               "framework.batch_size=4, or null")  # fmt: skip
         if fw.num_workers is not None and fw.num_workers < 0:
-            raise ConfigError(f"framework.num_workers={fw.num_workers} must be 0 (in-process) or more.")
+            raise out_of_range("framework.num_workers", fw.num_workers, "augmentation processes per rank must be 0 "
+                               "(in-process) or more", "framework.num_workers=0")  # fmt: skip
         if fw.dataset is not None:
             folder = find_dataset(str(fw.dataset))
             check_configuration(folder, fw.plans, fw.configuration)

@@ -8,13 +8,14 @@ called as ``model(**batch)`` and returns the loss, or a dict with a ``"loss"`` k
 from __future__ import annotations
 
 import inspect
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict
 
 from ..base import Adapter, NativeSettings, WorkerContext, ddp_kwargs, debug_env, policy_notes
 from ..errors import ConfigError
-from ..policy import Backend, DDPPolicy, MemoryPolicy, OnOOM, UnusedParams
+from ..policy import Backend, DDPPolicy, MemoryPolicy, OnOOM, UnusedParams, out_of_range
 
 DEMO_MODEL = "adapters.demo.DeepSupervisionNet"
 DEMO_DATA = "adapters.demo.SyntheticBlobs"
@@ -93,13 +94,18 @@ class TorchAdapter(Adapter):
         for key in ("model", "data"):
             _check_target(f"framework.{key}", dict(framework_cfg[key]))
         check_contract(framework_cfg)
-        if framework_cfg["checkpoint_every"] < 0:
-            raise ConfigError(
-                f"framework.checkpoint_every={framework_cfg['checkpoint_every']} must be 0 (never) or more."
-            )
+        fw = framework_cfg
+        if fw["checkpoint_every"] < 0:
+            raise out_of_range("framework.checkpoint_every", fw["checkpoint_every"], "it must be 0 (never) or more",
+                               "framework.checkpoint_every=10")  # fmt: skip
         for key in ("steps", "batch_size", "log_every"):
-            if framework_cfg[key] < 1:
-                raise ConfigError(f"framework.{key}={framework_cfg[key]} must be at least 1.")
+            if fw[key] < 1:
+                raise out_of_range(f"framework.{key}", fw[key], "it must be at least 1", f"framework.{key}=1 or more")
+        if not fw["lr"] > 0:
+            raise out_of_range("framework.lr", fw["lr"], "the learning rate must be above 0", "framework.lr=0.05")
+        if fw["num_workers"] < 0:
+            raise out_of_range("framework.num_workers", fw["num_workers"], "DataLoader workers per rank must be 0 "
+                               "(load in the training process) or more", "framework.num_workers=0")  # fmt: skip
 
     def run(self, ctx: WorkerContext) -> dict[str, Any]:
         import torch
@@ -109,6 +115,7 @@ class TorchAdapter(Adapter):
 
         from .. import checkpoint
         from ..memory import OOMGuard, die_for_test, inject_test_oom
+        from ..testhooks import freeze_for_test
 
         fw = ctx.cfg["framework"]
         torch.manual_seed(fw["seed"])
@@ -158,7 +165,11 @@ class TorchAdapter(Adapter):
         )  # fmt: skip
         step, epoch, position = 0, 0, 0
         checkpoint_path = ctx.run_dir / "checkpoints" / "last.pt"
-        resumed = checkpoint.load(checkpoint_path)
+        # Only on request: resume=<this folder>, or torchrun restarting its workers in the same run.
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        wanted = ctx.cfg.get("resume") is not None or restart > 0
+        resumed = checkpoint.load(checkpoint_path) if wanted else None
+        checkpoint.agree(resumed, checkpoint_path, ctx.rank)
         if resumed is not None:
             model.load_state_dict(resumed["model"])
             optimizer.load_state_dict(resumed["optimizer"])
@@ -167,7 +178,13 @@ class TorchAdapter(Adapter):
             step, epoch, position, guard.batch_size = (resumed[k] for k in ("step", "epoch", "position", "batch_size"))
             checkpoint.restore_rng(resumed["rng"][ctx.rank])
             ctx.set_step(step)
-            ctx.log.info("resuming from step %d (%s)", step, checkpoint_path)
+            why = f"torchrun restart {restart}" if restart and ctx.cfg.get("resume") is None else "resume="
+            ctx.log.info(
+                "resuming from step %d of %s (%s)",
+                step,
+                checkpoint_path,
+                why + (str(ctx.cfg["resume"]) if why == "resume=" else ""),
+            )
 
         def save_checkpoint() -> None:
             rng = checkpoint.all_rng_states()  # every rank takes part
@@ -208,6 +225,7 @@ class TorchAdapter(Adapter):
                     position += guard.batch_size
                     loss_sum += loss.detach().float()
                     die_for_test(step, ctx.rank)
+                    freeze_for_test(step, ctx.rank)
                     if fw["checkpoint_every"] and step % fw["checkpoint_every"] == 0 and step < steps:
                         save_checkpoint()
                     if step % log_every == 0 or step == steps:
