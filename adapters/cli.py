@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -107,6 +108,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
     if not torchrun_env():
         lifetime.install_stop_signals()
+    elif "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: end with the agent, however it ends
+        lifetime.die_with_parent(kernel=False)
     try:
         return _train_main(list(sys.argv[1:] if argv is None else argv))
     except (KeyboardInterrupt, lifetime.Interrupted) as exc:
@@ -300,10 +303,24 @@ def _hand_to_torchrun(launcher: Any, argv: list[str]) -> int:
     package_root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
     print(f"handing the run to torchrun: {' '.join(cmd[1:])}", flush=True)
-    agent = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=lifetime.kill_me_with_parent)
+    agent = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=lifetime.kill_me_with_parent,
+                             stderr=subprocess.PIPE)  # fmt: skip
+    stopping = threading.Event()
+
+    def relay() -> None:  # the agent's and the workers' stderr, until this process stops them
+        for line in iter(agent.stderr.readline, b""):
+            if not stopping.is_set():
+                sys.stderr.buffer.write(line)
+                sys.stderr.flush()
+
+    relaying = threading.Thread(target=relay, name="torchrun-stderr", daemon=True)
+    relaying.start()
     try:
-        return agent.wait()
+        code = agent.wait()
+        relaying.join(timeout=5)
+        return code
     except BaseException:
+        stopping.set()  # the agent's own account of the signal (a traceback) is not the user's business
         agent.send_signal(signal.SIGTERM)
         try:
             agent.wait(timeout=30)

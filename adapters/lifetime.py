@@ -85,9 +85,11 @@ def die_with_parent(parent: int | None = None, *, kernel: bool = True) -> None:
         while True:
             time.sleep(1.0)
             if os.getppid() != parent:
-                sys.stderr.write(f"the process that started this rank ({parent}) is gone: stopping\n")
-                sys.stderr.flush()
-                os.kill(os.getpid(), signal.SIGKILL)  # no cleanup that could wait on peers
+                try:  # stderr may be a pipe to the process that is gone
+                    sys.stderr.write(f"the process that started this rank ({parent}) is gone: stopping\n")
+                    sys.stderr.flush()
+                finally:
+                    os.kill(os.getpid(), signal.SIGKILL)  # no cleanup that could wait on peers
 
     threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
