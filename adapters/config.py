@@ -271,6 +271,9 @@ _FULL_KEY = re.compile(r"full_key: (\S+)")
 _KEY_NOT_IN = re.compile(r"Key '([^']+)' not in '([^']+)'")
 _NO_OPTION = re.compile(r"Could not find '([^']+)/([^'/]+)'")
 _CONVERT = re.compile(r"Value '([^']*)' of type '[^']*' could not be converted to (\w+)")
+_NOT_CONTAINER = re.compile(
+    r"Invalid value assigned: \w+ is not a (ListConfig|DictConfig)|Cannot assign \w+ to (Dict|List)\["
+)
 _NOT_BOOL = re.compile(r"Value '([^']*)' is not a valid bool")
 _OPTIONS = re.compile(r"Available options in '[^']+':\n((?:\t.*\n?)+)")
 
@@ -310,6 +313,15 @@ def _explain_compose_error(exc: Exception, overrides: Sequence[str]) -> ConfigEr
     full_key = _FULL_KEY.search(detail)
     if not_in and full_key:
         return unknown_key_error(full_key.group(1), schema_fields(not_in.group(2)))
+    container = _NOT_CONTAINER.search(detail)
+    if container and full_key:
+        key, kind = full_key.group(1), container.group(1) or container.group(2)
+        value = next((o.split("=", 1)[1] for o in overrides if _override_key(o) == key), "")
+        if kind in ("ListConfig", "List"):
+            return ConfigError(f"{key}={value} is not a valid value: {key} takes a list.\n"
+                               f"Fix: '{key}=[first,second]' (quoted for the shell).")  # fmt: skip
+        return ConfigError(f"{key}={value} is not a valid value: {key} takes a mapping.\n"
+                           f"Fix: '{key}={{name: value}}', or set one key: {key}.<name>=<value>.")  # fmt: skip
     convert = _CONVERT.search(detail) or _NOT_BOOL.search(detail)
     if convert and full_key:
         value = convert.group(1)
