@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -183,10 +184,16 @@ def test_auto_leaves_out_the_seg_layers_and_trains(trained, workdir):
 @nnunet
 @pytest.mark.slow
 def test_memory_batch_size_becomes_the_plan_s_global_batch(trained, workdir):
-    proc = train(workdir, "framework=nnunet", "framework.dataset=1", "memory.batch_size=1", "memory.num_workers=0",
-                 env=own_data_env(trained[1]))  # fmt: skip
+    plans = trained[1] / "nnunet" / "nnUNet_preprocessed" / "Dataset001_Blobs" / "nnUNetPlans.json"
+    planned = json.loads(plans.read_text())["configurations"]["2d"]["batch_size"]
+    per_process = 3 if planned != 6 else 2  # a global batch the plan does not have
+    proc = train(workdir, "framework=nnunet", "framework.dataset=1", f"memory.batch_size={per_process}",
+                 "memory.num_workers=0", env=own_data_env(trained[1]))  # fmt: skip
     assert proc.returncode == 0, output(proc)
-    assert "'batch_size': 2" in proc.stdout  # nnU-Net prints its plan: 1 per process x 2 ranks
+    [run_dir] = run_dirs(workdir)
+    # nnU-Net's trainer writes its own attributes (rank 0's) to debug.json: batch_size is its batch per process.
+    [debug] = run_dir.glob("nnunet/nnUNet_results/Dataset001_Blobs/*/fold_0/debug.json")
+    assert json.loads(debug.read_text())["batch_size"] == str(per_process), debug.read_text()[:2000]
 
 
 @nnunet

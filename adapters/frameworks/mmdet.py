@@ -172,6 +172,13 @@ class MMDetAdapter(Adapter):
         ctx.log.info("model_wrapper_cfg applied: %s", dict(cfg.model_wrapper_cfg))
         ctx.log.info("runner.model: %s, find_unused_parameters=%s", type(runner.model).__name__,
                      getattr(runner.model, "find_unused_parameters", "n/a"))  # fmt: skip
+        loader = runner.train_loop.dataloader  # the torch DataLoader mmengine built from train_dataloader
+        # mmdet's configs batch through a batch sampler (AspectRatioBatchSampler): DataLoader.batch_size is None.
+        batch = loader.batch_size
+        if batch is None:
+            batch = getattr(loader.batch_sampler, "batch_size", None)
+        ctx.log.info("train dataloader as built: batch_size=%s, num_workers=%s, pin_memory=%s (per process)",
+                     batch, loader.num_workers, loader.pin_memory)  # fmt: skip
         runner.register_hook(_first_step_hook(ctx), priority="VERY_LOW")
         runner.train()
         summary: dict[str, Any] = {"iters": runner.iter, "work_dir": cfg.work_dir}
