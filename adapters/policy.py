@@ -213,7 +213,7 @@ def check_memory(memory: MemoryPolicy, framework: str, framework_batch_size: Opt
         raise out_of_range("memory.num_workers", memory.num_workers, "it must be 0 (load in the training process) "
                            "or more", "memory.num_workers=0")  # fmt: skip
     batch = memory.batch_size if memory.batch_size is not None else framework_batch_size
-    if memory.on_oom is OnOOM.halve and batch is not None and memory.min_batch_size > batch:
+    if batch is not None and memory.min_batch_size > batch:
         raise out_of_range(
             "memory.min_batch_size", memory.min_batch_size,
             f"the smallest batch size to halve down to cannot exceed the batch size ({batch} per process)",

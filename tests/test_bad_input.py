@@ -87,6 +87,7 @@ CASES = [
     (["memory.on_oom=explode"], ["memory.on_oom=explode is not a valid value", "fail, halve", "Fix:"]),
     (["memory.min_batch_size=0"], ["memory.min_batch_size=0 is out of range", "Fix:"]),
     (["memory.on_oom=halve", "memory.min_batch_size=32"], ["memory.min_batch_size=32 is out of range", "(16 per "]),
+    (["memory.batch_size=4", "memory.min_batch_size=8"], ["memory.min_batch_size=8 is out of range", "(4 per "]),
     # presets, search path, the root, resume
     (["preset=nosuch"], ["preset=nosuch: there is no such preset", "Available: detection-cpu-smoke", "Fix:"]),
     (["hydra.searchpath=[file:///no/such/folder]"], ["hydra.searchpath names file:///no/such/folder", "Fix:"]),
