@@ -65,7 +65,9 @@ def _task(cfg: Any) -> None:
         runtime = HydraConfig.get()
         choices = {k: v for k, v in runtime.runtime.choices.items() if "hydra/" not in k}
         check_trust(choices, config_sources(list(runtime.overrides.task)), list(cfg.trust.allowed_targets))
-        checked = validate(cfg)
+        # train_main checked this run's config (every job of a sweep) in this process already: the
+        # framework's own checks (a model's forward, for the contract) are not run twice.
+        checked = validate(cfg, framework_checks=not _checked_here)
         run_dir = Path(runtime.runtime.output_dir)
         summary = launch(checked, run_dir)
     except AdapterError as exc:
@@ -99,6 +101,7 @@ def _adopt_submitit_world() -> None:
 # Hydra's flags that only print (help, the config, shell completion): nothing runs and nothing is written.
 _PRINT_ONLY = ("help", "hydra_help", "info", "cfg", "shell_completion", "version")
 _run_dir: str | None = None  # the folder this launcher's run writes to, for the interrupted message
+_checked_here = False  # train_main validated every job's config in this process
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
@@ -125,7 +128,7 @@ def _train_main(argv: list[str]) -> int:
 
     from .config import check_launch_env, compose, conf_dir, register_configs, torchrun_env, validate
 
-    global _run_dir
+    global _run_dir, _checked_here
     argv = _strip_local_rank(argv)
     args = get_args_parser().parse_args(argv)  # a wrong flag: argparse's usage line and exit code 2
     print_only = any(getattr(args, name, None) for name in _PRINT_ONLY)
@@ -149,6 +152,7 @@ def _train_main(argv: list[str]) -> int:
                     if len(jobs) > 1:
                         exc.args = (f"sweep job {i} ({' '.join(job)}): {exc}",)
                     raise
+            _checked_here = not elsewhere
             if not args.multirun and checked.launcher.name.name == "torchrun" and not torchrun_env():
                 check_named_run_dir(args.overrides, checked.cfg.get("resume"))
                 return _hand_to_torchrun(checked.launcher, argv)
@@ -425,6 +429,9 @@ def module_main(argv: Sequence[str] | None = None) -> int:
             print(doctor(args.overrides))
     except AdapterError as exc:
         return _fail(exc)
+    except KeyboardInterrupt as exc:
+        sys.stderr.write("interrupted (Ctrl-C): ranks stopped\n")
+        return lifetime.exit_code(exc)
     return 0
 
 

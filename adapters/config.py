@@ -407,8 +407,9 @@ def to_object(node: DictConfig, schema: type, path: str) -> Any:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def validate(cfg: DictConfig, *, for_run: bool = True) -> Checked:
-    """Check a composed config. ``for_run=False`` skips what only matters on this machine (explain)."""
+def validate(cfg: DictConfig, *, for_run: bool = True, framework_checks: bool = True) -> Checked:
+    """Check a composed config. ``for_run=False`` skips what only matters on this machine (explain);
+    ``framework_checks=False`` skips the framework's own (costlier) checks, for a config checked before."""
     from omegaconf.errors import OmegaConfBaseException
 
     try:
@@ -433,7 +434,7 @@ def validate(cfg: DictConfig, *, for_run: bool = True) -> Checked:
     schema = adapter.schema
     if is_dataclass(schema):
         to_object(cfg.framework, schema, "framework")
-    if for_run:
+    if for_run and framework_checks:
         adapter.validate(cfg.framework)
     check_memory(memory, name, cfg.framework.get("batch_size") if name == "torch" else None)
     check_resume(cfg.get("resume"), name)

@@ -239,9 +239,8 @@ def check_policy(policy: DDPPolicy) -> None:
         raise out_of_range("ddp.bucket_cap_mb", policy.bucket_cap_mb, "DDP's gradient buckets need a size above 0 "
                            "MiB (null: DDP's own 25)", "ddp.bucket_cap_mb=25, or leave it out")  # fmt: skip
     if policy.check_replicas_every < 0:
-        raise ConfigError(
-            f"ddp.check_replicas_every={policy.check_replicas_every} must be 0 (only at the end of the run) or more."
-        )
+        raise out_of_range("ddp.check_replicas_every", policy.check_replicas_every, "it must be 0 (only at the end "
+                           "of the run) or more", "ddp.check_replicas_every=0")  # fmt: skip
     if policy.check_replicas_every and not policy.check_replicas:
         raise ConfigError(
             "ddp.check_replicas_every is set, but ddp.check_replicas=false turns the replica check off.\n"

@@ -70,7 +70,7 @@ def test_ignore_names_only_with_ignore():
     check_policy(DDPPolicy(unused_params=UnusedParams.ignore, ignore=["aux_head"]))
     with pytest.raises(ConfigError, match="ddp.ignore is set, but ddp.unused_params=find"):
         check_policy(DDPPolicy(unused_params=UnusedParams.find, ignore=["aux_head"]))
-    with pytest.raises(ConfigError, match="ddp.probe_steps=0 must be at least 1"):
+    with pytest.raises(ConfigError, match="ddp.probe_steps=0 is out of range: it must be at least 1"):
         check_policy(DDPPolicy(probe_steps=0))
 
 

@@ -12,12 +12,10 @@ from pathlib import Path
 import pytest
 
 from adapters import launch
-from adapters.config import conf_dir
 
 from conftest import ENV, TRAIN, assert_replicas_equal, output, run_dirs, train
 
 pytestmark = pytest.mark.slow
-PRESETS = sorted(p.stem for p in (conf_dir() / "ddp").glob("*.yaml"))
 
 
 def free_port() -> int:
@@ -38,8 +36,10 @@ def two_nodes(workdir: Path, *overrides: str, env: dict | None = None, timeout: 
     return [p.returncode for p in procs], ["".join(o) for o in outs], time.monotonic() - started
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_two_nodes_through_the_rendezvous_train_with_each_preset(workdir, preset):
+# Two presets that build DDP differently (an ignore list chosen by the probe, static_graph) through two agents;
+# every preset trains on one machine in the other test files.
+@pytest.mark.parametrize("preset", ["auto", "static"])
+def test_two_nodes_through_the_rendezvous_train(workdir, preset):
     codes, outs, _ = two_nodes(workdir, f"ddp={preset}", "framework.steps=4", "framework.log_every=2")
     assert codes == [0, 0], "\n".join(outs)
     assert sum("step 4/4" in o for o in outs) == 1, "progress from global rank 0 only"
