@@ -142,6 +142,8 @@ def _train_main(argv: list[str]) -> int:
                     "hydra.searchpath=[file://...], and share settings as presets (preset=<name>)."
                 )
         checked = None
+        if print_only and not any(getattr(args, n, None) for n in ("help", "hydra_help", "shell_completion")):
+            compose(args.overrides)  # what --cfg and --info show is checked like a run: no shared hydra.* runs
         if not print_only:
             jobs = sweep_jobs(args.overrides) if args.multirun else [args.overrides]
             elsewhere = any(o.startswith("hydra/launcher=") and "basic" not in o for o in args.overrides)

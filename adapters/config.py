@@ -167,7 +167,7 @@ def compose(overrides: Sequence[str] = (), *, with_choices: bool = False) -> Any
     from omegaconf import open_dict
     from omegaconf.errors import OmegaConfBaseException
 
-    from .presets import check_trust, config_sources
+    from .presets import _ours, _targets, check_shared_files, check_targets, check_trust, config_sources
 
     register_configs()
     _check_searchpath(overrides)
@@ -175,6 +175,7 @@ def compose(overrides: Sequence[str] = (), *, with_choices: bool = False) -> Any
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides), return_hydra_config=True)
+            loaded = _loaded_files(overrides)
     except (HydraException, OmegaConfBaseException) as exc:
         error = _explain_compose_error(exc, overrides)
         raise type(error)(f"{error}{_where(str(exc), overrides)}") from None
@@ -190,8 +191,33 @@ def compose(overrides: Sequence[str] = (), *, with_choices: bool = False) -> Any
         del cfg["hydra"]
     sources = config_sources(overrides)
     _check_preset_exists(choices.get("preset"), sources)
-    check_trust(choices, sources, list(cfg.trust.allowed_targets))
+    allowed = list(cfg.trust.allowed_targets)
+    check_shared_files(loaded, bool(cfg.trust.allow_python_configs))
+    check_trust(choices, sources, allowed)
+    exempt = {_override_key(o) for o in overrides if _override_key(o).endswith("._target_")}
+    ours = [r.config for _, r in loaded if _ours(r) and isinstance(r.config, DictConfig)]
+    exempt |= {t for node in ours for _, t in _targets(OmegaConf.to_container(node, enum_to_str=True))}
+    check_targets(cfg, allowed, exempt)
     return (cfg, choices) if with_choices else cfg
+
+
+def _loaded_files(overrides: Sequence[str]) -> list[tuple[Any, Any]]:
+    """Every config file in the composed defaults list, with where Hydra found it (inside an initialized Hydra)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    loader = GlobalHydra.instance().config_loader()
+    defaults = loader.compute_defaults_list(CONFIG_NAME, list(overrides), RunMode.RUN)
+    _, repo = loader._parse_overrides_and_create_caching_repo(CONFIG_NAME, list(overrides))
+    loaded, seen = [], set()
+    for default in defaults.defaults:
+        if default.config_path is None or default.config_path in seen:
+            continue
+        seen.add(default.config_path)
+        result = repo.load_config(config_path=default.config_path)
+        if result is not None:
+            loaded.append((default, result))
+    return loaded
 
 
 def _indent(text: str) -> str:

@@ -173,3 +173,125 @@ def format_presets(infos: list[PresetInfo]) -> str:
             lines.append(f"  (not used: {info.shadowed_by} comes first in the search path)")
         lines.extend(f"  {item}" for item in info.sets)
     return "\n".join(lines)
+
+
+# --- what a shared source really contributes ---------------------------------------------------------
+
+_OWN_CONFIGS = ("config", "adapters_schema")
+
+
+def _ours(result: Any) -> bool:
+    """A config Hydra loaded from this project's conf/, Hydra's own package, or the ConfigStore (our schemas and
+    installed Hydra plugins' configs)."""
+    from .config import conf_dir
+
+    if result.path == "structured://":  # registered by installed Python code: ours, Hydra's, its plugins'
+        return True
+    if result.provider == "hydra" and result.path == "pkg://hydra.conf":
+        return True
+    return result.provider == "main" and result.path.rstrip("/") == f"file://{conf_dir()}".rstrip("/")
+
+
+def check_shared_files(loaded: Sequence[tuple[Any, Any]], allow_python_configs: bool) -> None:
+    """Every config file from a shared source in the composed defaults list (``(default, result)`` pairs, as
+    Hydra resolved them), whatever its group or package: it may not shadow this project's schemas, set any
+    ``hydra.*`` key or pick a Hydra group (callbacks, logging, launcher, search path, run folder run before
+    any check), set ``trust``, or point framework.config at a Python file (mmengine executes it)."""
+    for default, result in loaded:
+        if _ours(result):
+            continue
+        path = default.config_path
+        where = f"{path}.yaml from {result.path} ({result.provider})"
+        group = path.split("/", 1)[0] if "/" in path else ""
+        if group == "schema" or path in _OWN_CONFIGS:
+            raise ConfigError(
+                f"{where} has the name of this project's own schema ({path}): a shared source cannot replace it.\n"
+                "Fix: remove or rename that file in the shared source."
+            )
+        if group == "hydra":
+            raise ConfigError(
+                f"{where} is one of Hydra's own config groups (logging, callbacks, launcher ...), which act before "
+                "any check: a shared source cannot provide them.\nFix: keep Hydra settings on the command line or "
+                "in this project's conf/."
+            )
+        package = default.package or ""
+        body = result.config or {}
+        keys = [str(k) for k in body.keys() if k != "defaults"]
+        written = [f"{package}.{k}" if package else k for k in keys] or ([package] if package else [])
+        for key in written:
+            root = key.split(".", 1)[0]
+            if key == "hydra" and not package and isinstance(body.get("hydra"), (DictConfig, dict)) and body["hydra"]:
+                key = f"hydra.{next(iter(body['hydra']))}"
+            if root == "hydra":
+                raise ConfigError(
+                    f"{where} sets {key}: Hydra's settings (callbacks, job_logging, launcher, searchpath, run.dir) "
+                    "run or act before any check, so a shared source may not set them.\n"
+                    f"Fix: remove `{key}` from that file; set Hydra options on the command line."
+                )
+            if root == "trust":
+                raise ConfigError(
+                    f"{where} sets `{key}`: a shared config cannot widen what it is trusted with.\n"
+                    "Fix: remove it from that file; set trust.allowed_targets on the command line."
+                )
+        config = _select(body, package, "framework.config")
+        if config is not None and not allow_python_configs:
+            if not (isinstance(config, str) and config.startswith("mmdet::") and "${" not in config):
+                raise ConfigError(
+                    f"{where} sets framework.config={config}: an mmdet config is a Python file that mmengine "
+                    "executes, so one named by a shared source is refused (configs shipped with mmdet, "
+                    "mmdet::<path>, are allowed).\nFix: if you trust that file, allow it on the command line with "
+                    "trust.allow_python_configs=true, or name the config yourself: framework.config=<path>."
+                )
+
+
+def _select(body: Any, package: str, key: str) -> Any:
+    """The value ``body`` (a file placed at ``package``) gives the absolute ``key``, or None."""
+    prefix = f"{package}." if package else ""
+    if package and not key.startswith(prefix):
+        return None
+    node: Any = body
+    for part in key[len(prefix) :].split("."):
+        if not isinstance(node, (DictConfig, dict)) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def check_targets(cfg: Any, allowed: Sequence[str], exempt: set[str]) -> None:
+    """Every ``_target_`` in the composed, resolved config, judged by where the object it names really comes
+    from: ``torch.nn.modules.module.torch.load`` is spelled under torch.nn. but is ``torch.load``. ``exempt``:
+    targets the command line set, and those spelled in this project's own config files."""
+    import inspect
+
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException:
+        return  # validate() names the key that does not resolve, before anything runs
+    for path, target in _targets(container):
+        if path in exempt or target in exempt:
+            continue
+        fix = (
+            f"Fix: review the config that sets {path}; if you trust {target!r}, allow it on the command line, e.g. "
+            f"'trust.allowed_targets=[{', '.join([*allowed, str(target).rsplit('.', 1)[0] + '.'])}]'."
+        )
+        if not (isinstance(target, str) and _under(target, allowed)):
+            raise ConfigError(f"{path}={target!r} names a callable outside trust.allowed_targets "
+                              f"({', '.join(allowed)}).\n{fix}")  # fmt: skip
+        from hydra._internal.utils import _locate
+
+        try:
+            obj = _locate(target)
+        except Exception as exc:
+            raise ConfigError(f"{path}={target!r} cannot be located: {exc}\n{fix}") from None
+        module = obj.__name__ if inspect.ismodule(obj) else getattr(obj, "__module__", None)
+        if not (isinstance(module, str) and _under(module + ".", allowed)):
+            raise ConfigError(
+                f"{path}={target!r} is spelled under trust.allowed_targets but is really {module}."
+                f"{getattr(obj, '__qualname__', '')} (module {module}), which is not.\n{fix}"
+            )
+
+
+def _under(name: str, allowed: Sequence[str]) -> bool:
+    return any(name == prefix.rstrip(".") or name.startswith(prefix) for prefix in allowed)

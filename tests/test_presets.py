@@ -152,3 +152,116 @@ def test_the_wheel_carries_conf_and_works_installed(tmp_path):
 def test_train_py_lists_presets_in_help():
     proc = subprocess.run([sys.executable, str(TRAIN), "--help"], capture_output=True, text=True, env=ENV)
     assert "preset: detection-cpu-smoke, nnunet-no-deep-supervision, torch-heads-off" in proc.stdout
+
+
+# --- what a shared source could try: each class refused before anything of it runs ---------------------
+
+
+class Payload:
+    """Unpickling it touches the marker file: what torch.load of a shared file would run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _shared(tmp_path: Path, files: dict[str, str]) -> Path:
+    team = tmp_path / "team"
+    for name, body in files.items():
+        (team / name).parent.mkdir(parents=True, exist_ok=True)
+        (team / name).write_text(textwrap.dedent(body))
+    return team
+
+
+BYPASSES = {
+    "an aliased target (torch.load spelled under torch.nn.)": (
+        {"preset/evil.yaml": """\
+            # @package _global_
+            framework:
+              model: {_target_: torch.nn.modules.module.torch.load, f: PAYLOAD, weights_only: false}
+            """}, ["preset=evil"],
+        ["framework.model._target_='torch.nn.modules.module.torch.load' is spelled under trust.allowed_targets",
+         "really torch.serialization.load"]),
+    "a target hidden in an interpolation": (
+        {"preset/evil.yaml": """\
+            # @package _global_
+            framework:
+              model: "${oc.decode:'{_target_: pathlib.Path.touch, self: MARKER}'}"
+            """}, ["preset=evil"],
+        ["framework.model._target_='pathlib.Path.touch' names a callable outside trust.allowed_targets"]),
+    "another group pulled in by a preset's defaults": (
+        {"preset/evil.yaml": "# @package _global_\ndefaults:\n  - /extra: sneaky\n",
+         "extra/sneaky.yaml": "# @package _global_\nframework:\n  data: {_target_: pathlib.Path.touch, self: M}\n"},
+        ["preset=evil"], ["framework.data._target_='pathlib.Path.touch' names a callable outside"]),
+    "a global file in an overridden group": (
+        {"memory/x.yaml": "# @package _global_\nframework:\n  data: {_target_: pathlib.Path.touch, self: MARKER}\n"},
+        ["memory=x"], ["framework.data._target_='pathlib.Path.touch' names a callable outside"]),
+    "a shared file shadowing this project's schema": (
+        {"schema/framework/torch.yaml": "name: torch\nmodel: {_target_: pathlib.Path.touch, self: MARKER}\n"},
+        [], ["schema/framework/torch.yaml from file://", "this project's own schema"]),
+    "Hydra's logging configuration with a factory": (
+        {"preset/evil.yaml": """\
+            # @package _global_
+            hydra:
+              job_logging:
+                version: 1
+                handlers: {h: {"()": pathlib.Path.touch, self: MARKER}}
+                root: {handlers: [h]}
+            """}, ["preset=evil"], ["sets hydra.job_logging", "Fix: remove `hydra.job_logging`"]),
+    "Hydra callbacks behind oc.decode": (
+        {"preset/evil.yaml": """\
+            # @package _global_
+            hydra:
+              callbacks: "${oc.decode:'{x: {_target_: pathlib.Path.touch, self: MARKER}}'}"
+            """}, ["preset=evil"], ["sets hydra.callbacks"]),
+    "an mmdet config that is a Python file": (
+        {"preset/evil.yaml": "# @package _global_\ndefaults:\n  - override /framework: mmdet\n"
+                             "framework:\n  config: SHARED/evil.py\n",
+         "evil.py": "import pathlib; pathlib.Path('MARKER').touch()\n"},
+        ["preset=evil"], ["sets framework.config=", "mmengine executes", "trust.allow_python_configs=true"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(BYPASSES))
+def test_a_shared_source_cannot_run_code(tmp_path, monkeypatch, capsys, name):
+    import pickle
+    import signal
+
+    from adapters.cli import train_main
+
+    files, args, words = BYPASSES[name]
+    marker = tmp_path / "marker"
+    payload = tmp_path / "payload.pt"
+    payload.write_bytes(pickle.dumps(Payload(marker)))
+    team = tmp_path / "team"
+    files = {k: v.replace("MARKER", str(marker)).replace("self: M}", f"self: {marker}}}")
+             .replace("PAYLOAD", str(payload)).replace("SHARED", str(team))
+             for k, v in files.items()}  # fmt: skip
+    _shared(tmp_path, files)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        code = train_main([f"hydra.searchpath=[file://{team}]", *args])
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    for word in words:
+        assert word in err, err
+    assert "Fix:" in err and "Traceback" not in err
+    assert not marker.exists(), "the payload ran"
+    assert list(workdir.iterdir()) == [], "nothing written"
+
+
+def test_a_python_config_from_a_shared_source_can_be_allowed_on_purpose(tmp_path):
+    team = _shared(tmp_path, {"preset/mine.yaml": "# @package _global_\ndefaults:\n  - override /framework: mmdet\n"
+                                                  "framework:\n  config: /somewhere/mine.py\n"})  # fmt: skip
+    overrides = [f"hydra.searchpath=[file://{team}]", "preset=mine"]
+    with pytest.raises(ConfigError, match="trust.allow_python_configs=true"):
+        compose(overrides)
+    assert compose([*overrides, "trust.allow_python_configs=true"]).framework.config == "/somewhere/mine.py"
