@@ -197,7 +197,7 @@ def compose(overrides: Sequence[str] = (), *, with_choices: bool = False) -> Any
     exempt = {_override_key(o) for o in overrides if _override_key(o).endswith("._target_")}
     ours = [r.config for _, r in loaded if _ours(r) and isinstance(r.config, DictConfig)]
     exempt |= {t for node in ours for _, t in _targets(OmegaConf.to_container(node, enum_to_str=True))}
-    check_targets(cfg, allowed, exempt)
+    check_targets(cfg, allowed, exempt, loaded)
     return (cfg, choices) if with_choices else cfg
 
 

@@ -257,7 +257,19 @@ def _select(body: Any, package: str, key: str) -> Any:
     return node
 
 
-def check_targets(cfg: Any, allowed: Sequence[str], exempt: set[str]) -> None:
+def _set_by(loaded: Sequence[tuple[Any, Any]], key: str) -> str:
+    """ " (set by <file> from <source>)" for the last shared file that sets ``key`` or a node above it."""
+    parts = key.split(".")
+    for default, result in reversed(loaded):  # later files in the defaults list win
+        if _ours(result) or not isinstance(result.config, DictConfig):
+            continue
+        for n in range(len(parts), 0, -1):
+            if _select(result.config, default.package or "", ".".join(parts[:n])) is not None:
+                return f" (set by {default.config_path}.yaml from {result.path})"
+    return ""
+
+
+def check_targets(cfg: Any, allowed: Sequence[str], exempt: set[str], loaded: Sequence[tuple[Any, Any]] = ()) -> None:
     """Every ``_target_`` in the composed, resolved config, judged by where the object it names really comes
     from: ``torch.nn.modules.module.torch.load`` is spelled under torch.nn. but is ``torch.load``. ``exempt``:
     targets the command line set, and those spelled in this project's own config files."""
@@ -276,19 +288,20 @@ def check_targets(cfg: Any, allowed: Sequence[str], exempt: set[str]) -> None:
             f"Fix: review the config that sets {path}; if you trust {target!r}, allow it on the command line, e.g. "
             f"'trust.allowed_targets=[{', '.join([*allowed, str(target).rsplit('.', 1)[0] + '.'])}]'."
         )
+        origin = _set_by(loaded, path)
         if not (isinstance(target, str) and _under(target, allowed)):
-            raise ConfigError(f"{path}={target!r} names a callable outside trust.allowed_targets "
+            raise ConfigError(f"{path}={target!r}{origin} names a callable outside trust.allowed_targets "
                               f"({', '.join(allowed)}).\n{fix}")  # fmt: skip
         from hydra._internal.utils import _locate
 
         try:
             obj = _locate(target)
         except Exception as exc:
-            raise ConfigError(f"{path}={target!r} cannot be located: {exc}\n{fix}") from None
+            raise ConfigError(f"{path}={target!r}{origin} cannot be located: {exc}\n{fix}") from None
         module = obj.__name__ if inspect.ismodule(obj) else getattr(obj, "__module__", None)
         if not (isinstance(module, str) and _under(module + ".", allowed)):
             raise ConfigError(
-                f"{path}={target!r} is spelled under trust.allowed_targets but is really {module}."
+                f"{path}={target!r}{origin} is spelled under trust.allowed_targets but is really {module}."
                 f"{getattr(obj, '__qualname__', '')} (module {module}), which is not.\n{fix}"
             )
 

@@ -182,22 +182,22 @@ BYPASSES = {
             framework:
               model: {_target_: torch.nn.modules.module.torch.load, f: PAYLOAD, weights_only: false}
             """}, ["preset=evil"],
-        ["framework.model._target_='torch.nn.modules.module.torch.load' is spelled under trust.allowed_targets",
-         "really torch.serialization.load"]),
+        ["framework.model._target_='torch.nn.modules.module.torch.load' (set by preset/evil.yaml from file://",
+         "is spelled under trust.allowed_targets", "really torch.serialization.load"]),
     "a target hidden in an interpolation": (
         {"preset/evil.yaml": """\
             # @package _global_
             framework:
               model: "${oc.decode:'{_target_: pathlib.Path.touch, self: MARKER}'}"
             """}, ["preset=evil"],
-        ["framework.model._target_='pathlib.Path.touch' names a callable outside trust.allowed_targets"]),
+        ["framework.model._target_='pathlib.Path.touch' (set by preset/evil.yaml", "names a callable outside"]),
     "another group pulled in by a preset's defaults": (
         {"preset/evil.yaml": "# @package _global_\ndefaults:\n  - /extra: sneaky\n",
          "extra/sneaky.yaml": "# @package _global_\nframework:\n  data: {_target_: pathlib.Path.touch, self: M}\n"},
-        ["preset=evil"], ["framework.data._target_='pathlib.Path.touch' names a callable outside"]),
+        ["preset=evil"], ["framework.data._target_='pathlib.Path.touch' (set by extra/sneaky.yaml", "outside"]),
     "a global file in an overridden group": (
         {"memory/x.yaml": "# @package _global_\nframework:\n  data: {_target_: pathlib.Path.touch, self: MARKER}\n"},
-        ["memory=x"], ["framework.data._target_='pathlib.Path.touch' names a callable outside"]),
+        ["memory=x"], ["framework.data._target_='pathlib.Path.touch' (set by memory/x.yaml", "outside"]),
     "a shared file shadowing this project's schema": (
         {"schema/framework/torch.yaml": "name: torch\nmodel: {_target_: pathlib.Path.touch, self: MARKER}\n"},
         [], ["schema/framework/torch.yaml from file://", "this project's own schema"]),
