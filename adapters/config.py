@@ -6,7 +6,7 @@
 * ``compose`` builds the config from command-line overrides the way ``train.py`` will, and rewrites Hydra's
   errors so they name the key, the valid choices and the fix (Hydra itself suggests ``+key=value`` for a
   misspelt key, which would silently add the typo).
-* ``validate`` checks what the schema cannot: keys added with ``+``, choices not implemented yet, the
+* ``validate`` checks what the schema cannot: keys added with ``+``, the
   launcher, the framework being installed, and the framework's own options.
 """
 

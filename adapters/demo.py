@@ -1,6 +1,6 @@
 """The built-in demo: a tiny U-Net-like segmenter with deep-supervision heads, and synthetic blobs.
 
-It reproduces the nnU-Net situation of seed 000: one segmentation head per decoder level. With deep
+It reproduces nnU-Net's situation with deep supervision off: one segmentation head per decoder level. With deep
 supervision on, every head's output is in the loss; with it off only the last (full-resolution) head is
 run, so ``heads.0`` and ``heads.1`` get no gradient and DDP's default setting stops the run.
 
@@ -82,7 +82,7 @@ class SyntheticBlobs(Dataset):
 
 
 class TextClassifier(nn.Module):
-    """Embedding, GRU encoder, a main head and an auxiliary head (the fastNLP demo; seed 004's situation).
+    """Embedding, GRU encoder, a main head and an auxiliary head (the fastNLP demo).
 
     ``aux_loss=False`` leaves ``aux_head`` out of the loss, so its parameters get no gradient.
     """

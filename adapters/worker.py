@@ -103,7 +103,7 @@ def run_worker(spec: WorkerSpec, exits: bool = False) -> Outcome:
         native = adapter.translate(policy, backend=backend)
         os.environ.update(native.env)
         # TORCH_DISTRIBUTED_DEBUG is read when torch.distributed is first imported; setting os.environ
-        # later (as seed 000 advises) changes nothing unless the level is read again, before the group exists.
+        # later (as common advice has it) changes nothing unless the level is read again, before the group exists.
         dist.set_debug_level_from_env()
         device = "cpu"
         if backend is Backend.nccl:

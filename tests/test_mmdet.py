@@ -92,7 +92,7 @@ _base_ = 'mmdet::retinanet/retinanet_r18_fpn_1x_coco.py'
 model = dict(
     backbone=dict(init_cfg=None),
     bbox_head=dict(num_classes=1),
-    train_cfg=dict(find_unused_parameters=True),  # seed 002's advice: never read by the runner
+    train_cfg=dict(find_unused_parameters=True),  # common advice: never read by the runner
 )
 model_wrapper_cfg = dict(type='MMDistributedDataParallel', broadcast_buffers=True)
 train_dataloader = dict(dataset=dict(

@@ -83,7 +83,7 @@ class FastNLPAdapter(Adapter):
             framework=self.name,
             settings=settings,
             env=env,
-            notes=(how, "model_wo_auto_param_call (seed 004) only turns off batch-to-argument matching; "
+            notes=(how, "model_wo_auto_param_call (the usual advice) only turns off batch-to-argument matching; "
                         "it does not touch DDP.", *policy_notes(policy), *notes),
             snippet=snippet,
         )  # fmt: skip

@@ -1,8 +1,8 @@
 """framework=mmdet: MMDetection 3.x, trained by mmengine's Runner, with the policy in ``model_wrapper_cfg``.
 
 Where mmengine really looks (``Runner.wrap_model``, mmengine 0.10): ``cfg.model_wrapper_cfg`` when it
-exists; only when it is None, the top-level ``cfg.find_unused_parameters``. ``model.train_cfg`` (seed 002's
-advice) is handed to the detector's heads and never read by the runner. This adapter always writes
+exists; only when it is None, the top-level ``cfg.find_unused_parameters``. ``model.train_cfg`` (where common
+advice puts it) is handed to the detector's heads and never read by the runner. This adapter always writes
 ``model_wrapper_cfg``, keeps the type a user's config already had there, and says in one line when the
 config holds a setting that mmengine would ignore.
 

@@ -1,10 +1,10 @@
 """framework=nnunet: nnU-Net v2's real trainer, with the policy handed to the DDP call it makes itself.
 
 nnU-Net has no setting for DDP's unused-parameter handling; with deep supervision off, the decoder's lower
-``seg_layers`` get no gradient and multi-GPU training stops (seed 000). The trainer subclass in
+``seg_layers`` get no gradient and multi-GPU training stops. The trainer subclass in
 ``nnunet_trainer.py`` supplies the policy's arguments to nnU-Net's own ``DDP(...)`` call.
 
-Memory (seed 003): ``framework.batch_size`` overrides the plan's batch size (nnU-Net's global batch, split
+Memory: ``framework.batch_size`` overrides the plan's batch size (nnU-Net's global batch, split
 over the ranks), ``framework.num_workers`` the data-augmentation processes per rank (``nnUNet_n_proc_DA``)
 and ``framework.pin_memory`` the augmenter's pinning. When those workers die, the run says so, with the
 likely cause and these settings, instead of only "background workers are no longer alive".
@@ -37,7 +37,7 @@ class NNUNetConfig:
     configuration: str = "2d"
     fold: int = 0
     plans: str = "nnUNetPlans"
-    # false: only the full-resolution output is trained; the lower seg_layers get no gradient (seed 000).
+    # false: only the full-resolution output is trained; the lower seg_layers get no gradient.
     deep_supervision: bool = True
     epochs: int = 1
     iterations_per_epoch: int = 3

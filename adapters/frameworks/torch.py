@@ -37,7 +37,7 @@ class TorchConfig:
     # DataLoader worker processes per rank.
     num_workers: int = 0
     # Handed to the model's constructor when it takes a ``deep_supervision`` argument and the model node
-    # does not set it. False leaves the demo's coarser heads out of the loss (the seed-000 situation).
+    # does not set it. False leaves the demo's coarser heads out of the loss (the unused-parameters error).
     deep_supervision: bool = True
     # The model: ``_target_`` plus its constructor arguments.
     model: Dict[str, Any] = field(default_factory=lambda: {"_target_": DEMO_MODEL})
