@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from . import config as _config  # noqa: F401 - registers the run-folder resolver for unpickled jobs
 from . import lifetime, threads
+from .config import _override_key
 from .errors import AdapterError, ConfigError
 
 log = logging.getLogger("adapters")
@@ -160,7 +161,7 @@ def _train_main(argv: list[str]) -> int:
                 return _hand_to_torchrun(checked.launcher, argv)
         register_configs()
         if not print_only and args.multirun:
-            if not any(_key(o) == "hydra.sweep.dir" for o in args.overrides):
+            if not any(_override_key(o) == "hydra.sweep.dir" for o in args.overrides):
                 _run_dir = str(reserve_run_dir(Path("multirun"), "sweep"))
                 argv.append(f"hydra.sweep.dir={_run_dir}")
         elif not print_only:
@@ -194,10 +195,6 @@ def _train_main(argv: list[str]) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def _key(override: str) -> str:
-    return override.lstrip("+~").split("=", 1)[0]
 
 
 def sweep_jobs(overrides: Sequence[str]) -> list[list[str]]:
@@ -240,7 +237,7 @@ def check_named_run_dir(overrides: Sequence[str], resume: Any) -> bool:
     """True when the command line names the run folder (hydra.run.dir); refused if another run is in it."""
     from .config import torchrun_env
 
-    named = next((o.split("=", 1)[1] for o in overrides if _key(o) == "hydra.run.dir"), None)
+    named = next((o.split("=", 1)[1] for o in overrides if _override_key(o) == "hydra.run.dir"), None)
     if named is None:
         return False
     folder = Path(named).expanduser()

@@ -71,11 +71,9 @@ def die_with_parent(parent: int | None = None, *, kernel: bool = True) -> None:
     this process from its main thread (the local launcher): the signal follows the thread that forked.
     """
     parent = os.getppid() if parent is None else parent
-    if kernel and sys.platform.startswith("linux"):
+    if kernel:
         try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+            kill_me_with_parent()
         except (OSError, AttributeError):
             pass
     if os.getppid() != parent:  # gone before the request took effect
