@@ -16,8 +16,7 @@ from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
-from . import config as _config  # noqa: F401 - registers the run-folder resolver for unpickled jobs
-from . import lifetime, threads
+from . import lifetime, threads, world  # world registers the run-folder resolver for unpickled jobs
 from .config import _override_key
 from .errors import AdapterError, ConfigError
 
@@ -61,7 +60,7 @@ def _task(cfg: Any) -> None:
     from .launch import launch
     from .presets import check_trust, config_sources
 
-    _adopt_submitit_world()
+    world.adopt_submitit()
     try:
         runtime = HydraConfig.get()
         choices = {k: v for k, v in runtime.runtime.choices.items() if "hydra/" not in k}
@@ -77,28 +76,6 @@ def _task(cfg: Any) -> None:
         log.info("finished: %s", ", ".join(f"{k}={v}" for k, v in summary.items()))
 
 
-def _adopt_submitit_world() -> None:
-    """In a job started by Hydra's submitit launcher with several tasks, each task is one rank.
-
-    srun starts tasks_per_node tasks on each node; this sets the torch.distributed environment from
-    submitit's view of the job (rank 0's host as the rendezvous, a port derived from the job id), so the
-    task then runs in place like a torchrun worker. A job of one task spawns launcher.nproc workers itself.
-    """
-    if "SUBMITIT_EXECUTOR" not in os.environ or "WORLD_SIZE" in os.environ:
-        return
-    import submitit
-
-    env = submitit.JobEnvironment()
-    if env.num_tasks < 2:
-        return
-    digits = "".join(ch for ch in str(env.job_id) if ch.isdigit()) or "0"
-    os.environ.update(
-        RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.num_tasks),
-        LOCAL_WORLD_SIZE=str(env.num_tasks // max(env.num_nodes, 1)), MASTER_ADDR=env.hostnames[0],
-        MASTER_PORT=str(20000 + int(digits) % 20000),
-    )  # fmt: skip
-
-
 # Hydra's flags that only print (help, the config, shell completion): nothing runs and nothing is written.
 _PRINT_ONLY = ("help", "hydra_help", "info", "cfg", "shell_completion", "version")
 _run_dir: str | None = None  # the folder this launcher's run writes to, for the interrupted message
@@ -108,11 +85,10 @@ _checked_here = False  # train_main validated every job's config in this process
 def train_main(argv: Sequence[str] | None = None) -> int:
     """Check the overrides, reserve the run's folder, then run the Hydra app. Nothing is written when the
     config is wrong. Ctrl-C, SIGTERM and SIGHUP stop every rank and end with one line."""
-    from .config import torchrun_env
-
-    if not torchrun_env():
+    here = world.World.detect()
+    if not here.in_place:
         lifetime.install_stop_signals()
-    elif "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: end with the agent, however it ends
+    elif here.starter == "torchrun":  # a torchrun worker: end with the agent, however it ends
         lifetime.die_with_parent(kernel=False)
     try:
         return _train_main(list(sys.argv[1:] if argv is None else argv))
@@ -127,14 +103,16 @@ def _train_main(argv: list[str]) -> int:
     import hydra
     from hydra._internal.utils import get_args_parser
 
-    from .config import check_launch_env, compose, conf_dir, register_configs, torchrun_env, validate
+    from .config import compose, validate
+    from .schemas import conf_dir, register_configs
 
     global _run_dir, _checked_here
     argv = _strip_local_rank(argv)
     args = get_args_parser().parse_args(argv)  # a wrong flag: argparse's usage line and exit code 2
     print_only = any(getattr(args, name, None) for name in _PRINT_ONLY)
     try:
-        check_launch_env()
+        world.check_launch_env()
+        here = world.World.detect()
         for name in ("config_path", "config_name", "experimental_rerun"):
             if getattr(args, name, None):
                 raise ConfigError(
@@ -156,7 +134,7 @@ def _train_main(argv: list[str]) -> int:
                         exc.args = (f"sweep job {i} ({' '.join(job)}): {exc}",)
                     raise
             _checked_here = not elsewhere
-            if not args.multirun and checked.launcher.name.name == "torchrun" and not torchrun_env():
+            if not args.multirun and checked.launcher.name.name == "torchrun" and not here.in_place:
                 check_named_run_dir(args.overrides, checked.cfg.get("resume"))
                 return _hand_to_torchrun(checked.launcher, argv)
         register_configs()
@@ -170,19 +148,18 @@ def _train_main(argv: list[str]) -> int:
                 argv.append(f"hydra.run.dir={_run_dir}")
     except AdapterError as exc:
         return _fail(exc)
-    if not torchrun_env():  # jobs started from here (submitit's) put their folders under the same start time
-        from .config import run_start
-
-        os.environ.setdefault("ADAPTERS_RUN_START", repr(run_start()))
-    if torchrun_env():
+    here = world.World.detect()
+    if not here.in_place:  # jobs started from here (submitit's) put their folders under the same start time
+        os.environ.setdefault(world.START_VAR, repr(world.run_start()))
+    else:
         # Every rank runs this app; the run folder is shared (see choose_run_dir) and only rank 0
         # writes .hydra/. Logging is set up per rank by the worker.
         argv.append("hydra/job_logging=none")
-        if os.environ.get("RANK", "0") != "0":
+        if not here.is_main:
             argv.append("hydra.output_subdir=null")
     sys.argv = [sys.argv[0], *argv]
     main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_task)
-    if not torchrun_env():
+    if not here.in_place:
         main()
         return 0
     code = 0
@@ -217,9 +194,7 @@ def reserve_run_dir(root: Path, kind: str = "run") -> Path:
     get their own."""
     import itertools
 
-    from .config import run_start
-
-    start = time.localtime(run_start())
+    start = time.localtime(world.run_start())
     day = root / time.strftime("%Y-%m-%d", start)
     day.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%H-%M-%S", start)
@@ -235,14 +210,12 @@ def reserve_run_dir(root: Path, kind: str = "run") -> Path:
 
 def check_named_run_dir(overrides: Sequence[str], resume: Any) -> bool:
     """True when the command line names the run folder (hydra.run.dir); refused if another run is in it."""
-    from .config import torchrun_env
-
     named = next((o.split("=", 1)[1] for o in overrides if _override_key(o) == "hydra.run.dir"), None)
     if named is None:
         return False
     folder = Path(named).expanduser()
     taken = folder.is_dir() and any(folder.iterdir())
-    if taken and not torchrun_env():  # a torchrun rank sees its peers' logs there: the launcher checked
+    if taken and not world.World.detect().in_place:  # a torchrun rank sees its peers' logs there: the launcher checked
         if resume is None or Path(str(resume)).resolve() != folder.resolve():
             raise ConfigError(
                 f"hydra.run.dir={named} already holds a run; a new run never writes into another's folder.\n"
@@ -259,24 +232,19 @@ def choose_run_dir(overrides: Sequence[str], checked: Any) -> str | None:
     ranks (on every node) and restarted workers find it: one folder per run, and a restart continues in it.
     Returns None when the command line names the folder itself (hydra.run.dir).
     """
-    from .config import agent_store, torchrun_env
-
     resume = checked.cfg.get("resume")
     if check_named_run_dir(overrides, resume):
         return None
     if resume is not None:
         return str(resume)
-    if not torchrun_env():
+    here = world.World.detect()
+    if not here.in_place:
         return str(reserve_run_dir(Path("outputs")))
-    store = agent_store(f"adapters/run_dir/{os.environ.get('TORCHELASTIC_RUN_ID', '')}", timeout_s=600)
-    if store is None:  # a launcher without torchrun's store: every rank derives the folder from the start time
-        from .config import run_start
-
-        start = time.localtime(run_start())
+    shared = here.shared("run_dir", lambda: reserve_run_dir(Path("outputs")), timeout_s=600)
+    if shared is None:  # a launcher without torchrun's store: every rank derives the folder from the start time
+        start = time.localtime(world.run_start())
         return str(Path("outputs") / time.strftime("%Y-%m-%d", start) / time.strftime("%H-%M-%S", start))
-    if os.environ.get("RANK", "0") == "0" and not store.check(["dir"]):
-        store.set("dir", str(reserve_run_dir(Path("outputs"))))
-    return store.get("dir").decode()
+    return shared
 
 
 def _hand_to_torchrun(launcher: Any, argv: list[str]) -> int:

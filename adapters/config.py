@@ -1,8 +1,5 @@
 """Composing and checking the config: everything that must be right before a run folder or a process exists.
 
-* ``register_configs`` puts the schemas in Hydra's ConfigStore, outside any selectable group's options:
-  ``RunConfig`` as ``adapters_schema`` (the root of conf/config.yaml), and each framework's schema under
-  ``schema/framework/<name>``, which its conf/framework/<name>.yaml extends.
 * ``compose`` builds the config from command-line overrides the way ``train.py`` will, and rewrites Hydra's
   errors so they name the key, the valid choices and the fix (Hydra itself suggests ``+key=value`` for a
   misspelt key, which would silently add the typo).
@@ -12,10 +9,7 @@
 
 from __future__ import annotations
 
-import difflib
-import os
 import re
-import time
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,7 +17,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from . import registry
-from .errors import ConfigError
+from .errors import ConfigError, close_matches
 from .policy import (
     Backend,
     DDPPolicy,
@@ -34,122 +28,9 @@ from .policy import (
     check_memory,
     check_policy,
 )
-
-CONFIG_NAME = "config"
-START_RESOLVER = "adapters_start"
-
-
-def conf_dir() -> Path:
-    """conf/ in a clone (next to the package), or adapters/conf in an installed wheel."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parent / "conf"):
-        if (candidate / f"{CONFIG_NAME}.yaml").is_file():
-            return candidate
-    raise FileNotFoundError(f"conf/{CONFIG_NAME}.yaml not found next to {here}")
-
-
-_registered = False
-
-
-def register_configs() -> None:
-    """Store the schemas in Hydra's ConfigStore and the run-folder resolver in OmegaConf (idempotent)."""
-    global _registered
-    if _registered:
-        return
-    from hydra.core.config_store import ConfigStore
-
-    cs = ConfigStore.instance()
-    cs.store(name="adapters_schema", node=RunConfig)
-    for name in registry.FRAMEWORKS:
-        cs.store(group="schema/framework", name=name, node=registry.load_adapter(name).schema)
-    _registered = True
-
-
-# --- one run folder per run -------------------------------------------------------------------------
-
-_start: float | None = None
-
-
-def run_start() -> float:
-    """When this run started, the same on every rank.
-
-    Under torchrun every rank composes the config itself, a second apart, so ``${now:...}`` would give
-    each rank its own folder. Rank 0 publishes its time in torchrun's own store (first writer wins, so a
-    restarted worker finds the same folder) and the other ranks read it.
-    """
-    global _start
-    if _start is None:
-        if "ADAPTERS_RUN_START" in os.environ:  # set by the launching process for its jobs (submitit)
-            _start = float(os.environ["ADAPTERS_RUN_START"])
-        else:
-            _start = _shared_time() if torchrun_env() else time.time()
-    return _start
-
-
-def _format_start(pattern: str) -> str:
-    return time.strftime(pattern, time.localtime(run_start()))
-
-
-# At import: processes that unpickle a Hydra job (submitit's) resolve hydra.sweep.dir before anything else.
-OmegaConf.register_new_resolver(START_RESOLVER, _format_start, replace=True)
-
-
-def torchrun_env() -> bool:
-    """True in a worker started by torchrun (or torch.distributed.launch)."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or ("LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
-
-
-_WORLD_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def check_launch_env() -> None:
-    """Refuse torch.distributed variables that no launcher set for this process (left over in the shell).
-
-    torchrun sets TORCHELASTIC_RUN_ID with them; another launcher (mpirun, a SLURM script) sets at least RANK,
-    WORLD_SIZE, MASTER_ADDR and MASTER_PORT. LOCAL_RANK and WORLD_SIZE alone would make this process wait, as
-    rank 0 of a world that never comes, for other ranks.
-    """
-    if "TORCHELASTIC_RUN_ID" in os.environ or "SUBMITIT_EXECUTOR" in os.environ or not torchrun_env():
-        return
-    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    if not missing:
-        return
-    present = " ".join(f"{k}={os.environ[k]}" for k in _WORLD_VARS if k in os.environ)
-    raise ConfigError(
-        f"This shell sets {present}, but no launcher started this process: torchrun would also set "
-        f"TORCHELASTIC_RUN_ID, and {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing. Left over "
-        f"from an earlier run, they would make train.py wait as one rank of a world that never comes.\n"
-        f"Fix: unset {' '.join(k for k in _WORLD_VARS if k in os.environ)}  (then train.py starts its own "
-        "ranks), or start it with torchrun."
-    )
-
-
-def agent_store(prefix: str, timeout_s: float) -> Any:
-    """A client of torchrun's agent store under ``prefix`` (None when not started by torchrun's agent).
-
-    The store outlives the workers (and their restarts), and every node reaches it.
-    """
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    from datetime import timedelta
-
-    from torch.distributed import PrefixStore, TCPStore
-
-    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                     timeout=timedelta(seconds=timeout_s))  # fmt: skip
-    return PrefixStore(prefix, store)
-
-
-def _shared_time() -> float:
-    store = agent_store(f"adapters/start/{os.environ.get('TORCHELASTIC_RUN_ID', '')}", timeout_s=120)
-    if store is None:
-        return time.time()  # the old launcher has no store before init_process_group
-    if os.environ.get("RANK", "0") == "0":
-        value = store.compare_set("time", "", repr(time.time()))
-    else:
-        value = store.get("time")
-    return float(value)
-
+from .presets import _ours, _targets, check_shared_files, check_targets, check_trust, config_sources, locate
+from .schemas import CONFIG_NAME, conf_dir, register_configs
+from .world import World
 
 # --- compose ----------------------------------------------------------------------------------------
 
@@ -166,8 +47,6 @@ def compose(overrides: Sequence[str] = (), *, with_choices: bool = False) -> Any
     from hydra.errors import HydraException
     from omegaconf import open_dict
     from omegaconf.errors import OmegaConfBaseException
-
-    from .presets import _ours, _targets, check_shared_files, check_targets, check_trust, config_sources
 
     register_configs()
     _check_searchpath(overrides)
@@ -262,8 +141,6 @@ def _check_preset_exists(name: Any, sources: Any) -> None:
         return
     from hydra.core.object_type import ObjectType
 
-    from .presets import locate
-
     if locate(sources, "preset", str(name)) is not None:
         return
     known = sorted(
@@ -281,8 +158,6 @@ _IN_CONFIG = re.compile(r"^In '([^'/]+)/([^']+)':")
 
 def _where(text: str, overrides: Sequence[str]) -> str:
     """For an error inside a config file: which file, and where it was found."""
-    from .presets import config_sources, locate
-
     found = _IN_CONFIG.search(text)
     if not found:
         return ""
@@ -386,7 +261,7 @@ def unknown_key_error(key: str, valid: Sequence[str]) -> ConfigError:
     """The misspelt key, what it probably should be, and the keys that exist there."""
     parent, _, leaf = key.rpartition(".")
     prefix = f"{parent}." if parent else ""
-    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.6)
+    close = close_matches(leaf, valid)
     lines = [f"{key} is not a known setting."]
     if close:
         lines[0] += f" Did you mean {prefix}{close[0]}?"
@@ -540,7 +415,7 @@ def check_launcher(launcher: LauncherConfig, *, for_run: bool = True) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", launcher.rdzv_id):
         raise ConfigError(f"launcher.rdzv_id={launcher.rdzv_id} may hold letters, digits, '.', '_' and '-' only.\n"
                           "Fix: launcher.rdzv_id=<a name for this run, the same on every node>.")  # fmt: skip
-    if for_run and not torchrun and not torchrun_env():
+    if for_run and not torchrun and not World.detect().in_place:
         import socket
 
         try:
@@ -596,7 +471,8 @@ def check_backend(launcher: LauncherConfig) -> None:
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", launcher.nproc)) if torchrun_env() else launcher.nproc
+    world = World.detect()
+    local_procs = world.local_world_size if world.in_place else launcher.nproc
     if gpus < local_procs:
         raise ConfigError(
             f"launcher.backend=nccl needs one GPU per process: {local_procs} process(es) here, but this "

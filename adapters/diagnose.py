@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 REDUCTION_MARKER = "Expected to have finished reduction in the prior iteration"
@@ -49,9 +49,6 @@ class Diagnosis:
     step: int = 0
     probe_steps: int = 0
     probe_choice: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def reducer_parameter_names(module: Any, ignored: Iterable[str] = ()) -> list[str]:

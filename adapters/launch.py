@@ -24,10 +24,11 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from . import lifetime, threads
-from .config import Checked, agent_store, resolve_backend, torchrun_env
+from .config import Checked, resolve_backend
 from .diagnose import Diagnosis, format_failure
 from .errors import RunFailed
 from .worker import Outcome, WorkerSpec, run_worker
+from .world import World
 
 log = logging.getLogger("adapters.launch")
 
@@ -39,8 +40,9 @@ def launch(checked: Checked, run_dir: Path, *, probe_only: bool = False) -> dict
     """
     cfg = OmegaConf.to_container(checked.cfg, resolve=True, enum_to_str=True)
     cfg = {k: cfg[k] for k in ("framework", "ddp", "launcher", "memory", "resume")}
-    if torchrun_env():
-        return _run_in_place(checked, cfg, run_dir, probe_only)
+    world = World.detect()
+    if world.in_place:
+        return _run_in_place(checked, cfg, run_dir, probe_only, world)
     return _run_local(checked, cfg, run_dir, probe_only)
 
 
@@ -221,28 +223,25 @@ def _verdict(
     return outcomes[0].summary
 
 
-def _run_in_place(checked: Checked, cfg: dict[str, Any], run_dir: Path, probe_only: bool) -> dict[str, Any]:
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    backend = resolve_backend(checked.launcher.backend, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    if rank == 0:
-        starter = "submitit" if "SUBMITIT_EXECUTOR" in os.environ else "torchrun"
+def _run_in_place(checked: Checked, cfg: dict[str, Any], run_dir: Path, probe_only: bool,
+                  world: World) -> dict[str, Any]:  # fmt: skip
+    backend = resolve_backend(checked.launcher.backend, world.local_world_size)
+    if world.is_main:
+        starter = "submitit" if world.starter == "submitit" else "torchrun"
         log.info("running under %s: %d rank(s), backend %s, run folder %s (launcher.nproc is not used)",
-                 starter, world_size, backend.name, run_dir)  # fmt: skip
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    n_threads, threads_why = threads.plan(checked.launcher.threads_per_rank, local_ranks, os.environ)
-    spec = WorkerSpec(rank, local_rank, world_size, checked.framework, cfg, str(run_dir), backend.name,
-                      probe_only=probe_only, threads=n_threads, threads_why=threads_why)  # fmt: skip
+                 starter, world.world_size, backend.name, run_dir)  # fmt: skip
+    n_threads, threads_why = threads.plan(checked.launcher.threads_per_rank, world.local_world_size, os.environ)
+    spec = WorkerSpec(world.rank, world.local_rank, world.world_size, checked.framework, cfg, str(run_dir),
+                      backend.name, probe_only=probe_only, threads=n_threads, threads_why=threads_why)  # fmt: skip
     # A torchrun worker training ends with os._exit (cli.py); a submitit task, or doctor, lives on after this.
-    outcome = run_worker(spec, exits="SUBMITIT_EXECUTOR" not in os.environ and not probe_only)
+    outcome = run_worker(spec, exits=world.starter != "submitit" and not probe_only)
     if not outcome.ok:
-        diagnoses = _share_failures(outcome.diagnosis, world_size)
+        diagnoses = _share_failures(outcome.diagnosis, world)
         raise RunFailed(f"{format_failure(diagnoses)}\nLogs: {run_dir}/rank<N>.log")
     return outcome.summary
 
 
-def _share_failures(mine: Diagnosis, world_size: int, wait_s: float = 3.0) -> list[Diagnosis]:
+def _share_failures(mine: Diagnosis, world: World, wait_s: float = 3.0) -> list[Diagnosis]:
     """Under torchrun, ranks may be on other machines: each failed rank writes its diagnosis into torchrun's
     store, and reads the others', so that a rank that only lost its peers (or timed out waiting for them)
     names the rank that really failed and its error."""
@@ -250,8 +249,7 @@ def _share_failures(mine: Diagnosis, world_size: int, wait_s: float = 3.0) -> li
     from dataclasses import asdict
 
     try:
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = agent_store(f"adapters/failures/attempt_{attempt}", timeout_s=wait_s)
+        store = world.attempt_store("failures", timeout_s=wait_s)
         if store is None:
             return [mine]
         if mine.kind not in ("peer_lost", "timeout"):
@@ -259,7 +257,7 @@ def _share_failures(mine: Diagnosis, world_size: int, wait_s: float = 3.0) -> li
             return [mine]
         found = [mine]
         deadline = time.monotonic() + wait_s
-        for other in range(world_size):
+        for other in range(world.world_size):
             if other == mine.rank:
                 continue
             while time.monotonic() < deadline:

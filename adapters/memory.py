@@ -76,18 +76,6 @@ class OOMGuard:
         return rewrap()
 
 
-def die_for_test(step: int, rank: int) -> None:
-    """Test hook: ADAPTERS_TEST_DIE_AT_STEP=N kills this rank (ADAPTERS_TEST_DIE_RANK, default 1) with SIGKILL
-    after step N, in the first attempt only (torchrun's TORCHELASTIC_RESTART_COUNT=0), as a lost machine would."""
-    at = armed("ADAPTERS_TEST_DIE_AT_STEP")
-    if not at or step != int(at) or rank != int(os.environ.get("ADAPTERS_TEST_DIE_RANK", "1")):
-        return
-    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def inject_test_oom(module: Any, guard: OOMGuard) -> None:
     """Test hook: ADAPTERS_TEST_OOM_ABOVE=N raises torch.OutOfMemoryError in the forward of every step whose
     per-process batch size is above N (on the ranks in ADAPTERS_TEST_OOM_RANKS, default all)."""

@@ -10,12 +10,12 @@ OmegaConf matches Enum values by member *name*, so each member's name equals its
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-from .errors import ConfigError
+from .errors import ConfigError, close_matches
 
 
 class UnusedParams(enum.Enum):
@@ -198,10 +198,6 @@ class RunConfig:
     resume: Optional[str] = None
 
 
-def schema_keys(schema: type) -> list[str]:
-    return [f.name for f in fields(schema)]
-
-
 def out_of_range(key: str, value: Any, rule: str, fix: str) -> ConfigError:
     """The one form of a value outside its range: the key, the value, the range, the fix."""
     return ConfigError(f"{key}={value} is out of range: {rule}.\nFix: {fix}.")
@@ -270,9 +266,7 @@ def check_kwargs(policy: DDPPolicy) -> None:
     accepted = sorted(set(inspect.signature(DistributedDataParallel.__init__).parameters) - {"self"})
     for key in policy.kwargs:
         if key not in accepted:
-            import difflib
-
-            close = difflib.get_close_matches(key, accepted, n=1)
+            close = close_matches(key, accepted)
             hint = f" Did you mean ddp.kwargs.{close[0]}?" if close else ""
             passable = ", ".join(k for k in accepted if k not in OWNED_DDP_KWARGS)
             raise ConfigError(

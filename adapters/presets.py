@@ -38,7 +38,7 @@ def config_sources(overrides: Sequence[str] = ()) -> list[Source]:
     from hydra._internal.utils import create_config_search_path
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from .config import conf_dir, register_configs
+    from .schemas import conf_dir, register_configs
 
     register_configs()
     ours = str(conf_dir())
@@ -183,7 +183,7 @@ _OWN_CONFIGS = ("config", "adapters_schema")
 def _ours(result: Any) -> bool:
     """A config Hydra loaded from this project's conf/, Hydra's own package, or the ConfigStore (our schemas and
     installed Hydra plugins' configs)."""
-    from .config import conf_dir
+    from .schemas import conf_dir
 
     if result.path == "structured://":  # registered by installed Python code: ours, Hydra's, its plugins'
         return True

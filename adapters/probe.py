@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from .diagnose import group_by_module, parameter_aliases, reducer_parameter_names
-from .errors import ConfigError
+from .errors import ConfigError, close_matches
 from .policy import UnusedParams
 
 
@@ -174,10 +174,8 @@ def match_ignore(module: Any, patterns: list[str]) -> list[str]:
         hits = [reducer for n, reducer in spellings
                 if n == pattern or n.startswith(pattern + ".") or fnmatch.fnmatchcase(n, pattern)]  # fmt: skip
         if not hits:
-            import difflib
-
             modules = sorted({n.rsplit(".", k)[0] for n in names for k in range(1, n.count(".") + 1)})
-            close = difflib.get_close_matches(pattern, names + modules, n=3)
+            close = close_matches(pattern, names + modules, n=3)
             hint = f" Close: {', '.join(close)}." if close else ""
             raise ConfigError(f"ddp.ignore: '{pattern}' matches no trainable parameter of the model.{hint}")
         chosen += [n for n in hits if n not in chosen]

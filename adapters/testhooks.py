@@ -48,3 +48,17 @@ def die_in_checkpoint_write(step: int) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def die_for_test(step: int, rank: int) -> None:
+    """Test hook: ADAPTERS_TEST_DIE_AT_STEP=N kills this rank (ADAPTERS_TEST_DIE_RANK, default 1) with SIGKILL
+    after step N, in the first attempt only (torchrun's TORCHELASTIC_RESTART_COUNT=0), as a lost machine would."""
+    at = armed("ADAPTERS_TEST_DIE_AT_STEP")
+    if not at or step != int(at) or rank != int(os.environ.get("ADAPTERS_TEST_DIE_RANK", "1")):
+        return
+    from .world import World
+
+    if World.detect().restart == 0:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

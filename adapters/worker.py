@@ -116,7 +116,7 @@ def run_worker(spec: WorkerSpec, exits: bool = False) -> Outcome:
             kwargs["timeout"] = timedelta(seconds=policy.timeout_s)
         if not adapter.framework_inits_process_group(backend):
             dist.init_process_group(backend.name, rank=spec.rank, world_size=spec.world_size,
-                                    **kwargs, **_restart_safe_store())  # fmt: skip
+                                    **kwargs, **_attempt_store())  # fmt: skip
         log.info(
             "rank %d/%d on %s, backend %s, TORCH_DISTRIBUTED_DEBUG=%s (torch.distributed reads: %s)",
             spec.rank, spec.world_size, device, backend.name, os.environ.get("TORCH_DISTRIBUTED_DEBUG", "unset"),
@@ -181,16 +181,13 @@ def save_replica_for_test(ctx: Any) -> None:
     (ctx.run_dir / f"replica_rank{ctx.rank}.json").write_text(json.dumps(digests, indent=0))
 
 
-def _restart_safe_store() -> dict[str, Any]:
-    """Under torchrun, a store whose keys are this attempt's own.
+def _attempt_store() -> dict[str, Any]:
+    """Under torchrun, a store whose keys are this attempt's own: torchrun (torch 2.13, c10d rendezvous) hands
+    restarted workers the same agent store, where the previous attempt's gloo addresses are still written, and
+    a new group would connect to the dead workers' ports ("connectFullMesh ... Connection refused")."""
+    from .world import World
 
-    torchrun (torch 2.13, c10d rendezvous) hands restarted workers the same agent store, where the previous
-    attempt's gloo addresses are still written: the new group then connects to the dead workers' ports and
-    fails ("connectFullMesh ... Connection refused"). Prefixing the keys with the restart count avoids it.
-    """
-    from .config import agent_store
-
-    store = agent_store(f"adapters/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", timeout_s=300)
+    store = World.detect().attempt_store("group", timeout_s=300)
     return {} if store is None else {"store": store}
 
 

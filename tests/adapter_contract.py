@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from adapters import registry
-from adapters.config import compose, conf_dir, validate
+from adapters.config import compose, validate
 from adapters.policy import Backend
+from adapters.schemas import conf_dir
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in (conf_dir() / "ddp").glob("*.yaml"))

@@ -15,7 +15,7 @@ import pytest
 
 from adapters import registry
 from adapters.cli import explain
-from adapters.config import conf_dir
+from adapters.schemas import conf_dir
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "explain.json"
 PRESETS = sorted(p.stem for p in (conf_dir() / "ddp").glob("*.yaml"))

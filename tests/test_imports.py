@@ -58,3 +58,62 @@ def test_a_torch_training_run_imports_no_framework(tripwires, tmp_path):
     proc = _run([sys.executable, str(TRAIN), "framework.steps=2", "framework.log_every=1"], env, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert log.read_text() == ""
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Which of the package's modules each module imports, at the top or inside a function."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = {}
+    for path in (root / "adapters").rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                named = [f"{base}.{alias.name}" for alias in node.names]
+                targets = [t for t in named if t in files] or [base]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in files and t != name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    seen: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str, path: list[str]) -> None:
+        if node in path:
+            found.append(path[path.index(node) :] + [node])
+            return
+        if node in seen:
+            return
+        seen.add(node)
+        for nxt in sorted(graph[node]):
+            visit(nxt, [*path, node])
+
+    for start in sorted(graph):
+        visit(start, [])
+    return found
+
+
+def test_the_package_has_no_import_cycles():
+    """Counting imports inside functions too: a cycle hidden there is still a cycle."""
+    graph = _import_graph()
+    assert "adapters.presets" in graph["adapters.config"]  # the walk sees function-level and relative imports
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]

@@ -9,9 +9,10 @@ import pytest
 from adapters import registry
 from adapters.base import buffer_sync_kwarg, ddp_kwargs, debug_env
 from adapters.cli import explain
-from adapters.config import compose, conf_dir, validate
+from adapters.config import compose, validate
 from adapters.errors import ConfigError
 from adapters.policy import Backend, DDPPolicy, DebugLevel, UnusedParams, check_kwargs, check_policy
+from adapters.schemas import conf_dir
 
 PRESETS = sorted(p.stem for p in (conf_dir() / "ddp").glob("*.yaml"))
 # Every conf/ddp preset -> TORCH_DISTRIBUTED_DEBUG on gloo and on nccl. (DDP keyword arguments per preset:

@@ -139,7 +139,7 @@ def test_the_wheel_carries_conf_and_works_installed(tmp_path):
                              capture_output=True, text=True)  # fmt: skip
     assert explain.returncode == 0, explain.stderr
     assert "find_unused_parameters=True" in explain.stdout
-    where = subprocess.run([py, "-c", "import adapters.config as c; print(c.conf_dir())"], cwd=cwd, env=env,
+    where = subprocess.run([py, "-c", "import adapters.schemas as c; print(c.conf_dir())"], cwd=cwd, env=env,
                            capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert "site-packages/adapters/conf" in where, "conf/ comes from the wheel, not a clone"
     presets = subprocess.run([py, "-m", "adapters", "presets"], cwd=cwd, env=env, capture_output=True, text=True)

@@ -8,7 +8,6 @@ called as ``model(**batch)`` and returns the loss, or a dict with a ``"loss"`` k
 from __future__ import annotations
 
 import inspect
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict
@@ -116,8 +115,9 @@ class TorchAdapter(Adapter):
         from torch.utils.data import DataLoader, DistributedSampler, Subset
 
         from .. import checkpoint
-        from ..memory import OOMGuard, die_for_test, inject_test_oom
-        from ..testhooks import freeze_for_test
+        from ..memory import OOMGuard, inject_test_oom
+        from ..testhooks import die_for_test, freeze_for_test
+        from ..world import World
 
         fw = ctx.cfg["framework"]
         torch.manual_seed(fw["seed"])
@@ -168,7 +168,7 @@ class TorchAdapter(Adapter):
         step, epoch, position = 0, 0, 0
         checkpoint_path = ctx.run_dir / "checkpoints" / "last.pt"
         # Only on request: resume=<this folder>, or torchrun restarting its workers in the same run.
-        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        restart = World.detect().restart
         wanted = ctx.cfg.get("resume") is not None or restart > 0
         resumed = checkpoint.load(checkpoint_path) if wanted else None
         checkpoint.agree(resumed, checkpoint_path, ctx.rank)
