@@ -3,8 +3,9 @@
 Importing this package imports no training framework; adapters are loaded when chosen.
 """
 
-from .base import Adapter, NativeSettings, WorkerContext
+from .base import Adapter, WorkerContext
 from .errors import AdapterError, ConfigError, MissingDependency, RunFailed
+from .native import NativeSettings
 from .policy import Backend, DDPPolicy, DebugLevel, UnusedParams
 
 __all__ = [

@@ -135,7 +135,7 @@ def _train_main(argv: list[str]) -> int:
                     raise
             _checked_here = not elsewhere
             if not args.multirun and checked.launcher.name.name == "torchrun" and not here.in_place:
-                check_named_run_dir(args.overrides, checked.cfg.get("resume"))
+                check_named_run_dir(args.overrides, checked.resume)
                 return _hand_to_torchrun(checked.launcher, argv)
         register_configs()
         if not print_only and args.multirun:
@@ -232,7 +232,7 @@ def choose_run_dir(overrides: Sequence[str], checked: Any) -> str | None:
     ranks (on every node) and restarted workers find it: one folder per run, and a restart continues in it.
     Returns None when the command line names the folder itself (hydra.run.dir).
     """
-    resume = checked.cfg.get("resume")
+    resume = checked.resume
     if check_named_run_dir(overrides, resume):
         return None
     if resume is not None:
@@ -313,6 +313,8 @@ def explain(overrides: Sequence[str], as_json: bool = False) -> str:
     adapter = registry.load_adapter(checked.framework)
     backend = resolve_backend(checked.launcher.backend, checked.launcher.nproc)
     native = adapter.translate(checked.policy, backend=backend)
+    memory = adapter.memory_settings(checked.memory, checked.framework_cfg, backend=backend,
+                                     world_size=checked.launcher.nproc)  # fmt: skip
     ddp = OmegaConf.to_container(cfg.ddp, enum_to_str=True)
     if as_json:
         return json.dumps(
@@ -320,9 +322,7 @@ def explain(overrides: Sequence[str], as_json: bool = False) -> str:
              "policy": ddp,
              "backend": backend.name, "settings": dict(native.settings), "env": dict(native.env),
              "snippet": native.snippet, "notes": list(native.notes),
-             "framework_changes": adapter.explain_framework(cfg.framework),
-             "memory": adapter.memory_settings(checked.memory, cfg.framework, backend=backend,
-                                               world_size=checked.launcher.nproc)},
+             "framework_changes": adapter.explain_framework(checked.framework_cfg), "memory": memory.shown()},
             indent=2, default=str,
         )  # fmt: skip
     entry = registry.entry(checked.framework)
@@ -343,11 +343,9 @@ def explain(overrides: Sequence[str], as_json: bool = False) -> str:
         "environment in every rank: "
         + (", ".join(f"{k}={v}" for k, v in native.env.items()) if native.env else "(nothing set)"),
     ]
-    memory = adapter.memory_settings(checked.memory, cfg.framework, backend=backend,
-                                     world_size=checked.launcher.nproc)  # fmt: skip
-    memory_text = ", ".join(f"{k}={v}" for k, v in memory.items()) or "the framework's own settings"
+    memory_text = memory.line() or "the framework's own settings"
     out += ["", f"memory (memory.*): {memory_text}"]
-    changes = adapter.explain_framework(cfg.framework)
+    changes = adapter.explain_framework(checked.framework_cfg)
     if changes:
         out += ["", f"also changed in {entry.title} for this run:", *[f"  {line}" for line in changes]]
     if native.notes:

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -280,14 +280,25 @@ def unknown_key_error(key: str, valid: Sequence[str]) -> ConfigError:
 
 
 @dataclass
-class Checked:
-    """A composed config that passed every check, and what was derived from it on the way."""
+class RunSettings:
+    """The checked config as typed objects: what travels from compose to every rank (plain, picklable)."""
 
-    cfg: DictConfig
+    framework: str  # the framework's name
+    framework_cfg: Any  # the ``framework`` node as an instance of the adapter's schema
     policy: DDPPolicy
     launcher: LauncherConfig
     memory: MemoryPolicy
-    framework: str
+    resume: str | None = None
+
+
+@dataclass
+class Checked(RunSettings):
+    """A composed config that passed every check: the typed settings, and the composed config they came from."""
+
+    cfg: DictConfig | None = None
+
+    def settings(self) -> RunSettings:
+        return RunSettings(self.framework, self.framework_cfg, self.policy, self.launcher, self.memory, self.resume)
 
 
 def _check_known_keys(node: DictConfig, schema: type, path: str) -> None:
@@ -332,14 +343,13 @@ def validate(cfg: DictConfig, *, for_run: bool = True, framework_checks: bool = 
         adapter = registry.get_adapter(name)
     else:
         adapter = registry.load_adapter(name)
-    schema = adapter.schema
-    if is_dataclass(schema):
-        to_object(cfg.framework, schema, "framework")
+    framework_cfg = to_object(cfg.framework, adapter.schema, "framework")
     if for_run and framework_checks:
-        adapter.validate(cfg.framework)
-    check_memory(memory, name, cfg.framework.get("batch_size") if name == "torch" else None)
-    check_resume(cfg.get("resume"), name)
-    return Checked(cfg, policy, launcher, memory, name)
+        adapter.validate(framework_cfg)
+    check_memory(memory, name, framework_cfg.batch_size if name == "torch" else None)
+    resume = cfg.get("resume")
+    check_resume(resume, name)
+    return Checked(name, framework_cfg, policy, launcher, memory, None if resume is None else str(resume), cfg)
 
 
 def _check_root(cfg: DictConfig) -> None:

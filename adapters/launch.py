@@ -21,10 +21,8 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from . import lifetime, threads
-from .config import Checked, resolve_backend
+from .config import Checked, RunSettings, resolve_backend
 from .diagnose import Diagnosis, format_failure
 from .errors import RunFailed
 from .worker import Outcome, WorkerSpec, run_worker
@@ -38,12 +36,11 @@ def launch(checked: Checked, run_dir: Path, *, probe_only: bool = False) -> dict
 
     ``probe_only``: every rank stops after the probe (``python -m adapters doctor``); the summary holds it.
     """
-    cfg = OmegaConf.to_container(checked.cfg, resolve=True, enum_to_str=True)
-    cfg = {k: cfg[k] for k in ("framework", "ddp", "launcher", "memory", "resume")}
+    settings = checked.settings()
     world = World.detect()
     if world.in_place:
-        return _run_in_place(checked, cfg, run_dir, probe_only, world)
-    return _run_local(checked, cfg, run_dir, probe_only)
+        return _run_in_place(checked, settings, run_dir, probe_only, world)
+    return _run_local(checked, settings, run_dir, probe_only)
 
 
 def free_port(addr: str) -> int:
@@ -66,7 +63,7 @@ def _spawned(spec: WorkerSpec, conn: Connection, beats: Any) -> None:
         os._exit(0 if outcome.ok else 1)
 
 
-def _run_local(checked: Checked, cfg: dict[str, Any], run_dir: Path, probe_only: bool) -> dict[str, Any]:
+def _run_local(checked: Checked, settings: RunSettings, run_dir: Path, probe_only: bool) -> dict[str, Any]:
     import multiprocessing as mp
 
     launcher = checked.launcher
@@ -87,7 +84,7 @@ def _run_local(checked: Checked, cfg: dict[str, Any], run_dir: Path, probe_only:
             env = {"MASTER_ADDR": launcher.master_addr, "MASTER_PORT": str(port), "RANK": str(rank),
                    "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
                    **threads.env_for(n_threads)}  # fmt: skip
-            spec = WorkerSpec(rank, rank, nproc, checked.framework, cfg, str(run_dir), backend.name, env,
+            spec = WorkerSpec(rank, rank, nproc, settings, str(run_dir), backend.name, env,
                               probe_only, n_threads, threads_why)  # fmt: skip
             receive, send = context.Pipe(duplex=False)
             proc = context.Process(target=_spawned, args=(spec, send, beats), name=f"rank{rank}")
@@ -223,7 +220,7 @@ def _verdict(
     return outcomes[0].summary
 
 
-def _run_in_place(checked: Checked, cfg: dict[str, Any], run_dir: Path, probe_only: bool,
+def _run_in_place(checked: Checked, settings: RunSettings, run_dir: Path, probe_only: bool,
                   world: World) -> dict[str, Any]:  # fmt: skip
     backend = resolve_backend(checked.launcher.backend, world.local_world_size)
     if world.is_main:
@@ -231,7 +228,7 @@ def _run_in_place(checked: Checked, cfg: dict[str, Any], run_dir: Path, probe_on
         log.info("running under %s: %d rank(s), backend %s, run folder %s (launcher.nproc is not used)",
                  starter, world.world_size, backend.name, run_dir)  # fmt: skip
     n_threads, threads_why = threads.plan(checked.launcher.threads_per_rank, world.local_world_size, os.environ)
-    spec = WorkerSpec(world.rank, world.local_rank, world.world_size, checked.framework, cfg, str(run_dir),
+    spec = WorkerSpec(world.rank, world.local_rank, world.world_size, settings, str(run_dir),
                       backend.name, probe_only=probe_only, threads=n_threads, threads_why=threads_why)  # fmt: skip
     # A torchrun worker training ends with os._exit (cli.py); a submitit task, or doctor, lives on after this.
     outcome = run_worker(spec, exits=world.starter != "submitit" and not probe_only)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import threads
+from .config import RunSettings
 from .diagnose import Diagnosis, diagnose
 
 LOG_FORMAT = "[%(asctime)s][rank %(rank)s][%(name)s][%(levelname)s] - %(message)s"
@@ -27,8 +28,7 @@ class WorkerSpec:
     rank: int
     local_rank: int
     world_size: int
-    framework: str
-    cfg: dict[str, Any]  # resolved {"framework": ..., "ddp": ..., "launcher": ...}
+    settings: RunSettings  # the checked config, typed
     run_dir: str
     backend: str
     env: dict[str, str] = field(default_factory=dict)  # set before torch.distributed reads it
@@ -89,16 +89,15 @@ def run_worker(spec: WorkerSpec, exits: bool = False) -> Outcome:
             if spec.rank == 0:
                 log.info("intra-op threads per rank: %d (%s)", spec.threads, spec.threads_why)
         import torch.distributed as dist
-        from omegaconf import OmegaConf
 
-        from .base import ProbeDone, WorkerContext
-        from .config import to_object
-        from .policy import Backend, DDPPolicy, MemoryPolicy
+        from .base import WorkerContext
+        from .policy import Backend
         from .registry import load_adapter
+        from .unused import ProbeDone
 
-        adapter = load_adapter(spec.framework)
-        policy = to_object(OmegaConf.create(spec.cfg["ddp"]), DDPPolicy, "ddp")
-        memory = to_object(OmegaConf.create(spec.cfg["memory"]), MemoryPolicy, "memory")
+        run = spec.settings
+        adapter = load_adapter(run.framework)
+        policy = run.policy
         backend = Backend[spec.backend]
         native = adapter.translate(policy, backend=backend)
         os.environ.update(native.env)
@@ -122,24 +121,23 @@ def run_worker(spec: WorkerSpec, exits: bool = False) -> Outcome:
             spec.rank, spec.world_size, device, backend.name, os.environ.get("TORCH_DISTRIBUTED_DEBUG", "unset"),
             dist.get_debug_level().name,
         )  # fmt: skip
+        applied = adapter.memory_settings(run.memory, run.framework_cfg, backend=backend, world_size=spec.world_size)
         ctx = WorkerContext(
             rank=spec.rank, local_rank=spec.local_rank, world_size=spec.world_size, backend=backend,
-            device=device, run_dir=Path(spec.run_dir), cfg=spec.cfg, policy=policy, native=native, log=log,
-            memory=memory, probe_only=spec.probe_only,
+            device=device, run_dir=Path(spec.run_dir), framework=run.framework_cfg, policy=policy, native=native,
+            log=log, memory=run.memory, memory_applied=applied, resume=run.resume, probe_only=spec.probe_only,
         )  # fmt: skip
         if spec.rank == 0:
             for note in native.notes:
                 log.info(note)
             log.info("ddp.unused_params=%s -> %s", policy.unused_params.name, native.snippet)
-            applied = adapter.memory_settings(memory, spec.cfg["framework"], backend=backend,
-                                              world_size=spec.world_size)  # fmt: skip
-            log.info("memory -> %s", ", ".join(f"{k}={v}" for k, v in applied.items()) or "the framework's own")
+            log.info("memory -> %s", applied.line() or "the framework's own")
         try:
             summary = adapter.run(ctx)
             save_replica_for_test(ctx)
-            ctx.after_run()
-            if ctx.probe_result is not None:
-                summary = {**(summary or {}), "probe_s": round(ctx.probe_result.seconds, 2)}
+            ctx.engine.after_run()
+            if ctx.engine.probe_result is not None:
+                summary = {**(summary or {}), "probe_s": round(ctx.engine.probe_result.seconds, 2)}
         except ProbeDone as done:
             summary = {"probe": done.result}
         outcome = Outcome(spec.rank, True, summary=summary or {})
@@ -151,7 +149,7 @@ def run_worker(spec: WorkerSpec, exits: bool = False) -> Outcome:
         diagnosis = diagnose(exc, spec.rank, ctx and ctx.ddp_model, tb)
         if ctx is not None:
             try:
-                for key, value in ctx.failure_context().items():
+                for key, value in ctx.engine.failure_context().items():
                     setattr(diagnosis, key, value)
             except Exception:  # the context only sharpens the advice; never lose the failure itself
                 log.debug("no failure context", exc_info=True)

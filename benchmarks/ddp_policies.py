@@ -86,15 +86,17 @@ def _timed(ddp, opt, inputs, steps: int, cuda: bool) -> float:
 def _auto(net, inputs, rank: int, world: int, cuda: bool, device) -> tuple[Any, dict, float, str]:
     """ddp=auto through the adapters' own code: probe, decide, apply. Returns the context (its ``track_ddp``
     adds the step counter and the guard), the DDP arguments, the probe's seconds and its choice."""
-    from adapters.base import NativeSettings, WorkerContext
+    from adapters.base import WorkerContext
+    from adapters.native import NativeSettings
     from adapters.policy import Backend, DDPPolicy, UnusedParams
 
     backend = Backend.nccl if cuda else Backend.gloo
     policy = DDPPolicy(unused_params=UnusedParams.auto)
-    ctx = WorkerContext(rank, rank, world, backend, str(device), Path("."), {}, policy, NativeSettings("torch", {}),
+    ctx = WorkerContext(rank, rank, world, backend, str(device), Path("."), None, policy, NativeSettings("torch", {}),
                         logging.getLogger("bench"))  # fmt: skip
     decided = ctx.resolve_unused_params(net, iter(inputs * 2), lambda batch: net(**batch).backward())
-    return ctx, decided or {}, ctx.probe_result.seconds, ctx.probe_result.decision()[0].name
+    probe = ctx.engine.probe_result
+    return ctx, decided or {}, probe.seconds, probe.decision()[0].name
 
 
 def _collective_guard(ddp, ctx) -> None:
@@ -102,7 +104,7 @@ def _collective_guard(ddp, ctx) -> None:
     lets them ride on DDP's last bucket instead)."""
     from adapters.guard import IgnoredGradGuard, StepCounter
 
-    IgnoredGradGuard(ddp, ctx.left_out, StepCounter(ddp), on_grad=ctx.policy.on_ignored_grad, why="", advice="",
+    IgnoredGradGuard(ddp, ctx.engine.left_out, StepCounter(ddp), on_grad=ctx.policy.on_ignored_grad, why="", advice="",
                      log=ctx.log, exchange="collective")  # fmt: skip
 
 

@@ -56,7 +56,7 @@ def unused_names(fw: dict[str, Any]) -> list[str]:
     list by hand."""
     import torch
 
-    from adapters.frameworks.torch import build
+    from adapters.building import build
 
     torch.manual_seed(fw["seed"])
     model = build("framework.model", fw["model"], deep_supervision=fw["deep_supervision"])
@@ -83,8 +83,9 @@ def jobs(steps: int) -> list[dict[str, Any]]:
             checked = validate(compose([*base, f"ddp={preset}", *extra]))
             cfg = OmegaConf.to_container(checked.cfg, resolve=True, enum_to_str=True)
             cfg = {k: cfg[k] for k in ("framework", "ddp", "launcher", "memory")}
-            out.append({"model": model, "preset": preset, "cfg": cfg, "ignore": names if preset in ("ignore", "auto")
-                        else [], "hand": HAND[preset]})  # fmt: skip
+            ignore = names if preset in ("ignore", "auto") else []
+            out.append({"model": model, "preset": preset, "cfg": cfg, "settings": checked.settings(), "ignore": ignore,
+                        "hand": HAND[preset]})  # fmt: skip
     return out
 
 
@@ -110,7 +111,7 @@ def ours(rank: int, world: int, port: int, n: int, job: dict, run_dir: str, thre
     from adapters.worker import WorkerSpec, run_worker
 
     env = store_env(rank, world, port, n)
-    spec = WorkerSpec(rank, rank, world, "torch", job["cfg"], run_dir, "gloo", env, False, threads, "benchmark")
+    spec = WorkerSpec(rank, rank, world, job["settings"], run_dir, "gloo", env, False, threads, "benchmark")
     with redirect_stdout(io.StringIO()):
         outcome = run_worker(spec)
     if not outcome.ok:
@@ -125,7 +126,7 @@ def handwritten(rank: int, world: int, port: int, n: int, job: dict) -> float:
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from adapters.frameworks.torch import build
+    from adapters.building import build
 
     fw = job["cfg"]["framework"]
     dist.init_process_group("gloo", store=shared_store(port, f"hand/{n}"), rank=rank, world_size=world)

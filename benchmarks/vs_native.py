@@ -116,7 +116,7 @@ def _ours(rank: int, world: int, job: dict, run_dir: str) -> None:
     from adapters.worker import WorkerSpec, run_worker
 
     n, _ = threads.plan(0, world, {})
-    spec = WorkerSpec(rank, rank, world, job["framework"], job["cfg"], run_dir, "gloo", {}, False, n, "benchmark")
+    spec = WorkerSpec(rank, rank, world, job["settings"], run_dir, "gloo", {}, False, n, "benchmark")
     outcome = run_worker(spec)
     if not outcome.ok:
         raise RuntimeError(f"ours, ddp={job['preset']}: {outcome.diagnosis}")
@@ -257,7 +257,7 @@ def jobs(framework: str, tmp: str) -> list[dict]:
         cfg = OmegaConf.to_container(checked.cfg, resolve=True, enum_to_str=True)
         cfg = {k: cfg[k] for k in ("framework", "ddp", "launcher", "memory")}
         out.append({"framework": framework, "label": label, "preset": preset, "native": native, "cfg": cfg,
-                    "dataset": dataset})  # fmt: skip
+                    "settings": checked.settings(), "dataset": dataset})  # fmt: skip
     return out
 
 

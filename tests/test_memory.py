@@ -37,14 +37,15 @@ LOWMEM = {
 def test_lowmem_in_each_framework_s_own_terms(framework):
     checked = validate(compose([f"framework={framework}", "memory=lowmem"]), for_run=False)
     adapter = registry.load_adapter(framework)
-    settings = adapter.memory_settings(checked.memory, checked.cfg.framework, backend=Backend.gloo, world_size=2)
-    assert settings == LOWMEM[framework]
+    settings = adapter.memory_settings(checked.memory, checked.framework_cfg, backend=Backend.gloo, world_size=2)
+    assert settings.shown() == LOWMEM[framework]
 
 
 def test_unset_memory_keys_keep_the_framework_s_values():
     checked = validate(compose(["framework=mmdet"]), for_run=False)
     adapter = registry.load_adapter("mmdet")
-    assert adapter.memory_settings(checked.memory, checked.cfg.framework, backend=Backend.gloo, world_size=2) == {}
+    settings = adapter.memory_settings(checked.memory, checked.framework_cfg, backend=Backend.gloo, world_size=2)
+    assert settings.items == ()
 
 
 def test_halve_needs_a_loop_of_our_own():

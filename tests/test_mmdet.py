@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.base import buffer_sync_kwarg
+from adapters.native import buffer_sync_kwarg
 from adapters.policy import Backend
 
 from adapter_contract import AdapterContract

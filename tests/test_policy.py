@@ -7,7 +7,7 @@ import json
 import pytest
 
 from adapters import registry
-from adapters.base import buffer_sync_kwarg, ddp_kwargs, debug_env
+from adapters.native import buffer_sync_kwarg, ddp_kwargs, debug_env
 from adapters.cli import explain
 from adapters.config import compose, validate
 from adapters.errors import ConfigError

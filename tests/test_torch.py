@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from adapters.base import buffer_sync_kwarg
+from adapters.native import buffer_sync_kwarg
 
 from adapter_contract import AdapterContract
 from conftest import TRAIN, output, run, run_dirs, train

@@ -1,7 +1,7 @@
 """framework=fastnlp: fastNLP 1.0's real ``Trainer``, with the policy in ``torch_kwargs={'ddp_kwargs': ...}``.
 
-fastNLP takes DDP settings only through ``Trainer(..., torch_kwargs={'ddp_kwargs': {...}})``. Seed 004's
-``model_wo_auto_param_call=True`` only stops fastNLP from matching batch keys to ``forward``'s arguments;
+fastNLP takes DDP settings only through ``Trainer(..., torch_kwargs={'ddp_kwargs': {...}})``. The usual
+advice, ``model_wo_auto_param_call=True``, only stops fastNLP from matching batch keys to ``forward``'s arguments;
 it has nothing to do with unused parameters.
 
 Two paths, both here:
@@ -21,8 +21,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from ..base import Adapter, NativeSettings, WorkerContext, ddp_kwargs, debug_env, policy_notes
+from ..base import Adapter, WorkerContext
 from ..errors import ConfigError
+from ..native import MemorySettings, Setting, Translation, call_args, ddp_kwargs
 from ..policy import Backend, DDPPolicy, MemoryPolicy, out_of_range
 
 
@@ -62,9 +63,7 @@ class FastNLPAdapter(Adapter):
     name = "fastnlp"
     schema = FastNLPConfig
 
-    def translate(self, policy: DDPPolicy, *, backend: Backend) -> NativeSettings:
-        kwargs = ddp_kwargs(policy)
-        env, notes = debug_env(policy, backend)
+    def _translate(self, kwargs: dict[str, Any], policy: DDPPolicy, backend: Backend) -> Translation:
         if backend is Backend.nccl:
             settings = {"trainer_kwargs": {"driver": "torch", **trainer_kwargs(policy)}}
             snippet = f"Trainer(model, driver='torch', ..., torch_kwargs={{'ddp_kwargs': {kwargs!r}}})"
@@ -74,39 +73,33 @@ class FastNLPAdapter(Adapter):
                 "outside_ddp_kwargs": kwargs,
                 "trainer_kwargs": {"driver": "torch", "device": None, **trainer_kwargs(policy)},
             }
-            args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
-            snippet = (f"Trainer(DistributedDataParallel(model{args}), driver='torch', device=None, ..., "
+            snippet = (f"Trainer(DistributedDataParallel(model{call_args(kwargs)}), driver='torch', device=None, ..., "
                        f"torch_kwargs={{'ddp_kwargs': {kwargs!r}}})")  # fmt: skip
             how = ("On CPU fastNLP's own DDP driver hard-codes nccl and cuda, so the gloo process group is created "
                    "first and the model is wrapped outside (fastNLP's 'DDP initialised outside' mode).")  # fmt: skip
-        return NativeSettings(
-            framework=self.name,
-            settings=settings,
-            env=env,
-            notes=(how, "model_wo_auto_param_call (the usual advice) only turns off batch-to-argument matching; "
-                        "it does not touch DDP.", *policy_notes(policy), *notes),
-            snippet=snippet,
-        )  # fmt: skip
+        notes = (how, "model_wo_auto_param_call (the usual advice) only turns off batch-to-argument matching; it "
+                 "does not touch DDP.")  # fmt: skip
+        return Translation(settings, snippet, notes)
 
     def framework_inits_process_group(self, backend: Backend) -> bool:
         return backend is Backend.nccl  # fastNLP's TorchDDPDriver calls init_process_group("nccl") itself
 
-    def memory_settings(self, memory: MemoryPolicy, framework_cfg: Any, *, backend: Backend,
-                        world_size: int) -> dict[str, Any]:  # fmt: skip
-        out: dict[str, Any] = {"DataLoader.batch_size": memory.batch_size or framework_cfg["batch_size"]}
+    def memory_settings(self, memory: MemoryPolicy, fw: FastNLPConfig, *, backend: Backend,
+                        world_size: int) -> MemorySettings:  # fmt: skip
+        out = [Setting("DataLoader.batch_size", memory.batch_size or fw.batch_size)]
         if memory.num_workers is not None:
-            out["DataLoader.num_workers"] = memory.num_workers
+            out.append(Setting("DataLoader.num_workers", memory.num_workers))
         if memory.pin_memory is not None:
-            out["DataLoader.pin_memory"] = memory.pin_memory
+            out.append(Setting("DataLoader.pin_memory", memory.pin_memory))
         if memory.amp is not None:
-            out["Trainer.fp16"] = (memory.amp if backend is Backend.nccl or not memory.amp
-                                   else "unchanged: fastNLP's fp16 needs CUDA")  # fmt: skip
-        return out
+            gpu = backend is Backend.nccl or not memory.amp
+            out.append(Setting("Trainer.fp16", memory.amp, unchanged="" if gpu else "fastNLP's fp16 needs CUDA"))
+        return MemorySettings(tuple(out))
 
-    def validate(self, framework_cfg: Any) -> None:
+    def validate(self, framework_cfg: FastNLPConfig) -> None:
         for key in ("n_epochs", "batch_size", "num_samples", "seq_len", "hidden"):
-            if framework_cfg[key] < 1:
-                raise out_of_range(f"framework.{key}", framework_cfg[key], "it must be at least 1",
+            if getattr(framework_cfg, key) < 1:
+                raise out_of_range(f"framework.{key}", getattr(framework_cfg, key), "it must be at least 1",
                                    f"framework.{key}=1 or more")  # fmt: skip
         if framework_cfg.vocab_size < 4:
             raise out_of_range("framework.vocab_size", framework_cfg.vocab_size, "it must be at least 4",
@@ -129,23 +122,20 @@ class FastNLPAdapter(Adapter):
             warnings.simplefilter("ignore", UserWarning)
             from fastNLP import Trainer
 
+        from ..building import cycle
         from ..demo import SyntheticTokens, TextClassifier
-        from .torch import cycle
 
-        fw = ctx.cfg["framework"]
-        torch.manual_seed(fw["seed"])
-        model = TextClassifier(fw["vocab_size"], fw["hidden"], aux_loss=fw["aux_loss"])
-        data = SyntheticTokens(fw["num_samples"], fw["seq_len"], fw["vocab_size"], fw["seed"])
-        memory = self.memory_settings(ctx.memory, fw, backend=ctx.backend, world_size=ctx.world_size)
+        fw = ctx.framework
+        torch.manual_seed(fw.seed)
+        model = TextClassifier(fw.vocab_size, fw.hidden, aux_loss=fw.aux_loss)
+        data = SyntheticTokens(fw.num_samples, fw.seq_len, fw.vocab_size, fw.seed)
+        memory = ctx.memory_applied
         # fastNLP swaps in a distributed sampler itself.
         loader = DataLoader(data, batch_size=memory["DataLoader.batch_size"], shuffle=True, drop_last=True,
                             num_workers=memory.get("DataLoader.num_workers", 0),
                             pin_memory=memory.get("DataLoader.pin_memory", False))  # fmt: skip
-        if isinstance(memory.get("Trainer.fp16"), bool):
-            trainer_args_fp16 = {"fp16": memory["Trainer.fp16"]}
-        else:
-            trainer_args_fp16 = {}
-        trainer_args = dict(ctx.native.settings["trainer_kwargs"])
+        fp16 = memory.get("Trainer.fp16")
+        trainer_args = dict(ctx.native.settings["trainer_kwargs"], **({} if fp16 is None else {"fp16": fp16}))
         outside = "outside_ddp_kwargs" in ctx.native.settings
         model.to(ctx.device)
 
@@ -155,25 +145,25 @@ class FastNLPAdapter(Adapter):
         # fastNLP's own driver wraps the model in a _DDPWrappingModel, whose parameter names differ: there,
         # parameters unused everywhere are handled with static_graph instead of DDP's ignore list.
         decided = ctx.resolve_unused_params(model, cycle(loader), probe_step, can_ignore=outside) or {}
-        ddp_args = {**ddp_kwargs(ctx.policy), **decided}
+        ddp_args = {**ctx.native.settings["trainer_kwargs"]["torch_kwargs"]["ddp_kwargs"], **decided}
         trainer_args["torch_kwargs"] = {"ddp_kwargs": ddp_args}
         if outside:
             model = ctx.track_ddp(DistributedDataParallel(model, **ddp_args))
-        optimizer = torch.optim.SGD(model.parameters(), lr=fw["lr"], momentum=0.9)
-        trainer = Trainer(model=model, optimizers=optimizer, train_dataloader=loader, n_epochs=fw["n_epochs"],
-                          progress_bar=fw["progress_bar"], callbacks=[_FirstStep(ctx)], **trainer_args,
-                          **trainer_args_fp16)  # fmt: skip
+        optimizer = torch.optim.SGD(model.parameters(), lr=fw.lr, momentum=0.9)
+        trainer = Trainer(model=model, optimizers=optimizer, train_dataloader=loader, n_epochs=fw.n_epochs,
+                          progress_bar=fw.progress_bar, callbacks=[_first_step_callback()(ctx)],
+                          **trainer_args)  # fmt: skip
         if ctx.ddp_model is None:  # fastNLP wrapped it (nccl path)
             ctx.track_ddp(trainer.driver.model)
         # fastNLP's driver SIGKILLs every other rank when one raises, before they can say why; the launcher
         # stops them itself, after each had the chance to report.
         trainer.driver._pids = None
         trainer.run()
-        summary: dict[str, Any] = {"epochs": fw["n_epochs"], "batches": trainer.global_forward_batches}
-        return summary
+        return {"epochs": fw.n_epochs, "batches": trainer.global_forward_batches}
 
 
-def _first_step_callback():
+def _first_step_callback() -> type:
+    """A fastNLP callback that calls ``ctx.first_step_done()`` after the first backward (fastNLP imported here)."""
     from fastNLP import Callback
 
     class FirstStep(Callback):
@@ -184,11 +174,6 @@ def _first_step_callback():
             self.ctx.first_step_done()
 
     return FirstStep
-
-
-def _FirstStep(ctx: WorkerContext) -> Any:  # noqa: N802 - reads as the callback it builds
-    """A fastNLP callback that lets strict stop after the first backward (fastNLP imported only here)."""
-    return _first_step_callback()(ctx)
 
 
 ADAPTER = FastNLPAdapter()

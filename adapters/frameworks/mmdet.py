@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..base import Adapter, NativeSettings, WorkerContext, buffer_sync_kwarg, ddp_kwargs, debug_env, policy_notes
+from ..base import Adapter, WorkerContext
 from ..errors import ConfigError, MissingDependency
+from ..native import MemorySettings, NativeSettings, Setting, Translation, buffer_sync_kwarg, ddp_kwargs
 from ..policy import Backend, DDPPolicy, MemoryPolicy, out_of_range
 
 DEMO_CONFIG = "mmdet::retinanet/retinanet_r18_fpn_1x_coco.py"
@@ -61,8 +62,7 @@ class MMDetAdapter(Adapter):
     name = "mmdet"
     schema = MMDetConfig
 
-    def translate(self, policy: DDPPolicy, *, backend: Backend) -> NativeSettings:
-        kwargs = ddp_kwargs(policy)
+    def _translate(self, kwargs: dict[str, Any], policy: DDPPolicy, backend: Backend) -> Translation:
         kwargs.setdefault(buffer_sync_kwarg(), False)  # mmengine's default when it builds the wrapper itself
         wrapper: dict[str, Any] = {"type": WRAPPER, **kwargs}
         notes = [
@@ -73,28 +73,23 @@ class MMDetAdapter(Adapter):
             wrapper["device_ids"] = None  # mmengine would pass [LOCAL_RANK], which DDP refuses for a CPU model
             notes.append("On CPU device_ids=None and env_cfg.dist_cfg.backend='gloo'; on GPU mmengine fills in "
                          "device_ids=[LOCAL_RANK] and uses nccl.")  # fmt: skip
-        env, debug_notes = debug_env(policy, backend)
         args = ", ".join(f"{k}={v!r}" for k, v in wrapper.items())
-        return NativeSettings(
-            framework=self.name,
+        return Translation(
             settings={"model_wrapper_cfg": wrapper, "env_cfg.dist_cfg.backend": backend.name, "launcher": "pytorch"},
-            env=env,
-            notes=(*notes, *policy_notes(policy), *debug_notes),
             snippet=f"model_wrapper_cfg = dict({args})",
+            notes=tuple(notes),
         )
 
-    def memory_settings(self, memory: MemoryPolicy, framework_cfg: Any, *, backend: Backend,
-                        world_size: int) -> dict[str, Any]:  # fmt: skip
-        out: dict[str, Any] = {}
-        for key in ("batch_size", "num_workers", "pin_memory"):
-            if getattr(memory, key) is not None:
-                out[f"train_dataloader.{key}"] = getattr(memory, key)
+    def memory_settings(self, memory: MemoryPolicy, fw: MMDetConfig, *, backend: Backend,
+                        world_size: int) -> MemorySettings:  # fmt: skip
+        out = [Setting(f"train_dataloader.{key}", getattr(memory, key))
+               for key in ("batch_size", "num_workers", "pin_memory") if getattr(memory, key) is not None]  # fmt: skip
         if memory.amp:
-            out["optim_wrapper.type"] = (AMP if backend is Backend.nccl
-                                         else "unchanged: mmengine's AmpOptimWrapper needs a GPU")  # fmt: skip
-        return out
+            out.append(Setting("optim_wrapper.type", AMP, unchanged="" if backend is Backend.nccl
+                               else "mmengine's AmpOptimWrapper needs a GPU"))  # fmt: skip
+        return MemorySettings(tuple(out))
 
-    def validate(self, framework_cfg: Any) -> None:
+    def validate(self, framework_cfg: MMDetConfig) -> None:
         if importlib.util.find_spec("mmcv._ext") is None:
             raise MissingDependency(
                 "mmcv is installed without its compiled ops (mmcv._ext), which mmdet needs (mmcv-lite, or a "
@@ -107,7 +102,7 @@ class MMDetAdapter(Adapter):
             raise ConfigError(f"framework.config={framework_cfg.config}: {path} defines no `model`; an mmdet "
                               "config needs model = dict(type=..., ...).")  # fmt: skip
         for key in ("max_iters", "batch_size", "num_images", "image_size"):
-            value = framework_cfg[key]
+            value = getattr(framework_cfg, key)
             if value is not None and value < 1:
                 raise out_of_range(f"framework.{key}", value, "it must be at least 1 (or null: the config's own)",
                                    f"framework.{key}=1 or more")  # fmt: skip
@@ -119,37 +114,38 @@ class MMDetAdapter(Adapter):
         import torch.distributed as dist
         from mmengine.runner import Runner
 
-        from .torch import cycle
+        from ..building import cycle
 
-        fw = ctx.cfg["framework"]
-        cfg = _load(config_path(fw["config"]), fw["config"])
-        synthetic = fw["synthetic_data"] if fw["synthetic_data"] is not None else fw["config"] == DEMO_CONFIG
+        fw = ctx.framework
+        cfg = _load(config_path(fw.config), fw.config)
+        synthetic = fw.synthetic_data if fw.synthetic_data is not None else fw.config == DEMO_CONFIG
         if synthetic:
             data_root = ctx.run_dir / "data"
             if ctx.is_main:
-                write_synthetic_coco(data_root, fw["num_images"], fw["image_size"], fw["seed"])
+                write_synthetic_coco(data_root, fw.num_images, fw.image_size, fw.seed)
             dist.barrier()  # the other ranks read what rank 0 wrote
-            use_synthetic_data(cfg, data_root, fw["image_size"])
-        if fw["max_iters"] is not None:
-            short_schedule(cfg, fw["max_iters"])
+            use_synthetic_data(cfg, data_root, fw.image_size)
+        if fw.max_iters is not None:
+            short_schedule(cfg, fw.max_iters)
         loader = cfg.train_dataloader
-        if fw["batch_size"] is not None:
-            loader.batch_size = fw["batch_size"]
-        if fw["num_workers"] is not None:
-            loader.num_workers = fw["num_workers"]
-        memory = self.memory_settings(ctx.memory, fw, backend=ctx.backend, world_size=ctx.world_size)
-        for key, value in memory.items():
-            if key.startswith("train_dataloader."):
-                loader[key.split(".", 1)[1]] = value
+        if fw.batch_size is not None:
+            loader.batch_size = fw.batch_size
+        if fw.num_workers is not None:
+            loader.num_workers = fw.num_workers
+        memory = ctx.memory_applied
+        for key in ("batch_size", "num_workers", "pin_memory"):
+            value = memory.get(f"train_dataloader.{key}")
+            if value is not None:
+                loader[key] = value
         if memory.get("optim_wrapper.type") == AMP:
             cfg.optim_wrapper.type = AMP
         loader.persistent_workers = loader.get("num_workers", 0) > 0 and loader.get("persistent_workers", False)
         for line in ignored_settings(cfg, ctx.policy) + apply_policy(cfg, ctx.native, ctx.policy):
             ctx.log.warning(line)
-        cfg.work_dir = fw["work_dir"] or str(ctx.run_dir / "work_dir")
-        cfg.randomness = dict(seed=fw["seed"])
-        if fw["cfg_options"]:
-            cfg.merge_from_dict(dict(fw["cfg_options"]))
+        cfg.work_dir = fw.work_dir or str(ctx.run_dir / "work_dir")
+        cfg.randomness = dict(seed=fw.seed)
+        if fw.cfg_options:
+            cfg.merge_from_dict(dict(fw.cfg_options))
 
         runner = Runner.from_cfg(cfg)
         ctx.track_ddp(runner.model)
@@ -342,7 +338,7 @@ def write_synthetic_coco(root: Path, num_images: int, size: int, seed: int) -> N
 
 
 def _first_step_hook(ctx: WorkerContext) -> Any:
-    """An mmengine hook that lets strict stop after the first iteration (mmengine imported only here)."""
+    """An mmengine hook that calls ``ctx.first_step_done()`` after the first iteration (mmengine imported here)."""
     from mmengine.hooks import Hook
 
     class FirstStep(Hook):

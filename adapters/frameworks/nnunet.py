@@ -12,14 +12,16 @@ likely cause and these settings, instead of only "background workers are no long
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from ..base import Adapter, NativeSettings, WorkerContext, ddp_kwargs, debug_env, policy_notes
+from ..base import Adapter, WorkerContext
 from ..errors import ConfigError
+from ..native import MemorySettings, Setting, Translation, call_args
 from ..policy import Backend, DDPPolicy, MemoryPolicy, out_of_range
 
 SYNTHETIC = "Dataset001_Blobs"
@@ -58,16 +60,13 @@ class NNUNetAdapter(Adapter):
     name = "nnunet"
     schema = NNUNetConfig
 
-    def translate(self, policy: DDPPolicy, *, backend: Backend) -> NativeSettings:
-        kwargs = ddp_kwargs(policy)
-        env, notes = debug_env(policy, backend)
+    def _translate(self, kwargs: dict[str, Any], policy: DDPPolicy, backend: Backend) -> Translation:
         device_ids = "[self.local_rank]" if backend is Backend.nccl else "None"
-        args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
-        return NativeSettings(
-            framework=self.name,
+        return Translation(
             settings={"trainer": "nnUNetTrainerDDPPolicy(nnUNetTrainer)", "ddp_kwargs": kwargs,
                       "device": "cuda:<rank>" if backend is Backend.nccl else "cpu"},  # fmt: skip
-            env=env,
+            snippet=f"DDP(self.network, device_ids={device_ids}{call_args(kwargs)})"
+            "  # inside nnUNetTrainer.initialize()",
             notes=(
                 "nnU-Net's initialize() calls DDP(self.network, device_ids=[self.local_rank]) with no way to pass "
                 "arguments; the trainer subclass hands it a DDP constructor that adds them. nnU-Net's own code "
@@ -75,26 +74,23 @@ class NNUNetAdapter(Adapter):
                 *(() if backend is Backend.nccl else (
                     "On CPU the trainer's device is set back to cpu after nnU-Net's __init__ (which assumes cuda "
                     "whenever a process group exists), without a GradScaler, and device_ids is dropped.",)),
-                *policy_notes(policy),
-                *notes,
             ),
-            snippet=f"DDP(self.network, device_ids={device_ids}{args})  # inside nnUNetTrainer.initialize()",
         )  # fmt: skip
 
-    def memory_settings(self, memory: MemoryPolicy, framework_cfg: Any, *, backend: Backend,
-                        world_size: int) -> dict[str, Any]:  # fmt: skip
-        out: dict[str, Any] = {}
+    def memory_settings(self, memory: MemoryPolicy, fw: NNUNetConfig, *, backend: Backend,
+                        world_size: int) -> MemorySettings:  # fmt: skip
+        out = []
         if memory.batch_size is not None:  # nnU-Net's plan holds the global batch, split over the ranks
-            out["plans batch_size (global)"] = memory.batch_size * world_size
+            out.append(Setting("plans batch_size", memory.batch_size * world_size, note="global"))
         if memory.num_workers is not None:
-            out["nnUNet_n_proc_DA"] = memory.num_workers
+            out.append(Setting("nnUNet_n_proc_DA", memory.num_workers))
         if memory.pin_memory is not None:
-            out["augmenter pin_memory"] = memory.pin_memory
+            out.append(Setting("augmenter pin_memory", memory.pin_memory))
         if memory.amp is not None:
-            out["autocast"] = "unchanged: nnU-Net uses autocast on cuda and none on CPU"
-        return out
+            out.append(Setting("autocast", memory.amp, unchanged="nnU-Net uses autocast on cuda and none on CPU"))
+        return MemorySettings(tuple(out))
 
-    def explain_framework(self, framework_cfg: Any) -> list[str]:
+    def explain_framework(self, framework_cfg: NNUNetConfig) -> list[str]:
         fw = framework_cfg
         synthetic = fw.dataset is None
         return [
@@ -112,11 +108,12 @@ class NNUNetAdapter(Adapter):
             "dataset: " + (f"synthetic {SYNTHETIC} written into the run folder" if synthetic else fw.dataset),
         ]  # fmt: skip
 
-    def validate(self, framework_cfg: Any) -> None:
+    def validate(self, framework_cfg: NNUNetConfig) -> None:
         fw = framework_cfg
         for key in ("epochs", "iterations_per_epoch", "num_images", "image_size"):
-            if fw[key] < 1:
-                raise out_of_range(f"framework.{key}", fw[key], "it must be at least 1", f"framework.{key}=1 or more")
+            if getattr(fw, key) < 1:
+                raise out_of_range(f"framework.{key}", getattr(fw, key), "it must be at least 1",
+                                   f"framework.{key}=1 or more")  # fmt: skip
         if fw.val_iterations_per_epoch < 0:
             raise out_of_range("framework.val_iterations_per_epoch", fw.val_iterations_per_epoch, "it must be 0 or "
                                "more", "framework.val_iterations_per_epoch=1")  # fmt: skip
@@ -133,12 +130,13 @@ class NNUNetAdapter(Adapter):
     def run(self, ctx: WorkerContext) -> dict[str, Any]:
         import torch.distributed as dist
 
-        memory = self.memory_settings(ctx.memory, ctx.cfg["framework"], backend=ctx.backend, world_size=ctx.world_size)
-        fw = {**ctx.cfg["framework"]}  # memory.* wins over the framework's own keys where set
-        fw["num_workers"] = memory.get("nnUNet_n_proc_DA", fw["num_workers"])
-        fw["pin_memory"] = memory.get("augmenter pin_memory", fw["pin_memory"])
-        fw["batch_size"] = memory.get("plans batch_size (global)", fw["batch_size"])
-        synthetic = fw["dataset"] is None
+        memory = ctx.memory_applied  # memory.* wins over the framework's own keys where set
+        fw = dataclasses.replace(
+            ctx.framework, num_workers=memory.get("nnUNet_n_proc_DA", ctx.framework.num_workers),
+            pin_memory=memory.get("augmenter pin_memory", ctx.framework.pin_memory),
+            batch_size=memory.get("plans batch_size", ctx.framework.batch_size),
+        )  # fmt: skip
+        synthetic = fw.dataset is None
         root = ctx.run_dir / "nnunet"
         if synthetic:
             os.environ.update({var: str(root / var) for var in FOLDER_VARS})
@@ -152,29 +150,30 @@ class NNUNetAdapter(Adapter):
         if synthetic:
             if ctx.is_main:
                 ctx.log.info("writing a synthetic dataset and planning/preprocessing it with nnU-Net (about a minute)")
-                write_synthetic_dataset(root / "nnUNet_raw" / SYNTHETIC, fw["num_images"], fw["image_size"])
-                plan_and_preprocess(1, fw["configuration"])
+                write_synthetic_dataset(root / "nnUNet_raw" / SYNTHETIC, fw.num_images, fw.image_size)
+                plan_and_preprocess(1, fw.configuration)
             dist.barrier()
             folder = root / "nnUNet_preprocessed" / SYNTHETIC
         else:
-            folder = find_dataset(str(fw["dataset"]))
-        workers = _workers(fw["num_workers"], synthetic)
+            folder = find_dataset(str(fw.dataset))
+        workers = _workers(fw.num_workers, synthetic)
         if workers is not None:  # read by nnU-Net when it builds the loaders (and by its planner: set it after)
             os.environ["nnUNet_n_proc_DA"] = str(workers)
-        plans = check_configuration(folder, fw["plans"], fw["configuration"])
+        plans = check_configuration(folder, fw.plans, fw.configuration)
         dataset_json = json.loads((folder / "dataset.json").read_text())
-        batch_size = _batch_size(fw["batch_size"], synthetic)
+        batch_size = _batch_size(fw.batch_size, synthetic)
         if batch_size is not None:
             if batch_size < ctx.world_size:
                 raise ConfigError(f"framework.batch_size={batch_size} is nnU-Net's global batch size: it must be at "
                                   f"least the number of processes ({ctx.world_size}).")  # fmt: skip
-            plans["configurations"][fw["configuration"]]["batch_size"] = batch_size
+            plans["configurations"][fw.configuration]["batch_size"] = batch_size
         plans["continue_training"] = False  # nnU-Net's run_training adds this; a trainer built directly needs it
+        # nnU-Net rebuilds a trainer from __init__'s arguments by signature: the run's settings go in as class
+        # attributes, and the trainer calls ctx's hooks as every adapter does.
         Trainer.ddp_kwargs = dict(ctx.native.settings["ddp_kwargs"])
-        keys = ("deep_supervision", "epochs", "iterations_per_epoch", "val_iterations_per_epoch", "pin_memory")
-        Trainer.options = {**{key: fw[key] for key in keys}, "on_ddp": ctx.track_ddp,
-                           "resolve": ctx.resolve_unused_params, "first_step": ctx.first_step_done}  # fmt: skip
-        trainer = Trainer(plans, fw["configuration"], fw["fold"], dataset_json, device=torch.device(ctx.device))
+        Trainer.settings = fw
+        Trainer.ctx = ctx
+        trainer = Trainer(plans, fw.configuration, fw.fold, dataset_json, device=torch.device(ctx.device))
         trainer.run_training()
         losses = trainer.logger.local_logger.my_fantastic_logging.get("train_losses") or [float("nan")]
         return {"epochs": trainer.num_epochs, "train_loss": round(float(losses[-1]), 4),

@@ -36,9 +36,8 @@ class nnUNetTrainerDDPPolicy(nnUNetTrainer):
     """
 
     ddp_kwargs: dict[str, Any] = {}
-    # deep_supervision, epochs, iterations_per_epoch, val_iterations_per_epoch, pin_memory, and the
-    # adapter's callbacks: on_ddp(model), resolve(module, batches, step) -> kwargs | None, first_step()
-    options: dict[str, Any] = {}
+    settings: Any = None  # the run's framework node (NNUNetConfig): deep supervision, schedule, pin_memory
+    ctx: Any = None  # the rank's WorkerContext: its hooks track_ddp, resolve_unused_params, first_step_done
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # fmt: skip
@@ -47,11 +46,11 @@ class nnUNetTrainerDDPPolicy(nnUNetTrainer):
             # nnU-Net assumes cuda whenever a process group exists; on CPU there is neither cuda nor a scaler.
             self.device = device
             self.grad_scaler = None
-        options = self.options
-        self.enable_deep_supervision = options["deep_supervision"]
-        self.num_epochs = options["epochs"]
-        self.num_iterations_per_epoch = options["iterations_per_epoch"]
-        self.num_val_iterations_per_epoch = options["val_iterations_per_epoch"]
+        settings = self.settings
+        self.enable_deep_supervision = settings.deep_supervision
+        self.num_epochs = settings.epochs
+        self.num_iterations_per_epoch = settings.iterations_per_epoch
+        self.num_val_iterations_per_epoch = settings.val_iterations_per_epoch
 
     def _ddp(self, module: torch.nn.Module, device_ids: list[int] | None = None, **kwargs: Any) -> Any:
         from torch.nn.parallel import DistributedDataParallel
@@ -59,9 +58,7 @@ class nnUNetTrainerDDPPolicy(nnUNetTrainer):
         if self.device.type != "cuda":
             device_ids = None  # a device list is an error for a CPU module
         model = DistributedDataParallel(module, device_ids=device_ids, **{**kwargs, **self.ddp_kwargs})
-        if self.options.get("on_ddp") is not None:
-            self.options["on_ddp"](model)
-        return model
+        return self.ctx.track_ddp(model)
 
     def initialize(self) -> None:
         with replaced(trainer_module, "DDP", self._ddp):
@@ -69,8 +66,7 @@ class nnUNetTrainerDDPPolicy(nnUNetTrainer):
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        resolve = self.options.get("resolve")
-        if resolve is None or not self.is_ddp:
+        if not self.is_ddp:
             return
         inner = self.network.module
 
@@ -80,7 +76,7 @@ class nnUNetTrainerDDPPolicy(nnUNetTrainer):
             target = [t.to(self.device) for t in target] if isinstance(target, list) else target.to(self.device)
             self.loss(inner(data), target).backward()
 
-        decided = resolve(inner, iter(self.dataloader_train), probe_step)
+        decided = self.ctx.resolve_unused_params(inner, iter(self.dataloader_train), probe_step)
         if decided is not None:
             # nnU-Net wrapped the network in initialize(), before there were batches to probe. The optimizer
             # holds the same parameters, so only the wrapper is replaced.
@@ -90,12 +86,11 @@ class nnUNetTrainerDDPPolicy(nnUNetTrainer):
 
     def train_step(self, batch: dict) -> dict:
         result = super().train_step(batch)
-        if self.options.get("first_step") is not None:
-            self.options["first_step"]()
+        self.ctx.first_step_done()
         return result
 
     def get_dataloaders(self):
-        pin_memory = self.options.get("pin_memory")
+        pin_memory = self.settings.pin_memory
         if pin_memory is None:
             return super().get_dataloaders()
         original = trainer_module.NonDetMultiThreadedAugmenter

@@ -1,0 +1,78 @@
+"""Building objects named by ``_target_`` nodes, shared by the adapters: import, check, instantiate, repeat."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from .errors import ConfigError
+
+
+def split(node: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``(target, arguments)`` of a ``_target_`` node."""
+    node = dict(node)
+    target = node.pop("_target_", None)
+    return target, node
+
+
+def locate(target: str) -> Any:
+    """The object a dotted path names (module attribute, or nested attribute)."""
+    import importlib
+
+    parts = target.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError as exc:
+            if exc.name and not ".".join(parts[:cut]).startswith(exc.name):
+                raise  # the module exists but something it imports does not
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(f"no module found in '{target}'")
+
+
+def check_target(path: str, node: dict[str, Any], example: str) -> None:
+    """The target imports and accepts the arguments given: checked once, before any process starts."""
+    target, args = split(node)
+    if not target:
+        raise ConfigError(f"{path}._target_ is missing: name the class or function to build, e.g. {example}.")
+    try:
+        obj = locate(target)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(
+            f"{path}._target_={target} cannot be imported: {exc}\n"
+            "Fix: make the module importable (installed, or on PYTHONPATH) and check the spelling."
+        ) from None
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    for key in args:
+        if key not in params:
+            raise ConfigError(
+                f"{path}.{key}: {target} takes no argument '{key}'. It takes: {', '.join(params) or 'none'}.\n"
+                f"Fix: remove it (~{path}.{key}) or name the whole node: {path}='{{_target_: {target}, ...}}'."
+            )
+
+
+def build(path: str, node: dict[str, Any], **offered: Any) -> Any:
+    """Instantiate ``node`` (nested ``_target_`` nodes too). ``offered`` arguments go only where taken."""
+    from hydra.utils import instantiate
+
+    target, args = split(node)
+    try:
+        params = inspect.signature(locate(target)).parameters
+    except (TypeError, ValueError):
+        params = {}
+    extra = {k: v for k, v in offered.items() if k in params and k not in args}
+    return instantiate({"_target_": target, **args, **extra}, _convert_="all")
+
+
+def cycle(iterable: Any) -> Any:
+    """Batches without end (the probe may want more steps than one pass has)."""
+    while True:
+        yield from iterable
