@@ -78,7 +78,7 @@ class DDPPolicy:
     """The ``ddp`` node: one policy, mapped by each adapter onto its framework's own settings."""
 
     # strict | find | static | ignore | auto. See UnusedParams.
-    unused_params: UnusedParams = UnusedParams.strict
+    unused_params: UnusedParams = UnusedParams.auto
     # off | info | detail: TORCH_DISTRIBUTED_DEBUG, set in every rank before the process group exists.
     debug: DebugLevel = DebugLevel.off
     # Pass-through DDP settings. None keeps the framework's own default (mmengine's broadcast_buffers
