@@ -29,7 +29,7 @@ def lint(session: nox.Session) -> None:
 def torch_(session: nox.Session) -> None:
     """The core and framework=torch: real DDP, several processes, gloo on CPU (nccl where GPUs are)."""
     session.install(TORCH, "-e", ".[test]")
-    session.run("pytest", *session.posargs)
+    session.run("pytest", "--durations=20", *session.posargs)  # the slowest tests, to keep the session lean
 
 
 @nox.session
