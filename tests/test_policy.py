@@ -7,10 +7,10 @@ import json
 import pytest
 
 from adapters import registry
-from adapters.native import buffer_sync_kwarg, ddp_kwargs, debug_env
 from adapters.cli import explain
 from adapters.config import compose, validate
 from adapters.errors import ConfigError
+from adapters.native import buffer_sync_kwarg, ddp_kwargs, debug_env
 from adapters.policy import Backend, DDPPolicy, DebugLevel, UnusedParams, check_kwargs, check_policy
 from adapters.schemas import conf_dir
 
