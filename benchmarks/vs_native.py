@@ -58,8 +58,9 @@ SETUPS: dict[str, tuple[list[str], list[tuple[str, str, dict]]]] = {
           {"find_unused_parameters": False})],
     ),
     "nnunet": (
-        ["framework=nnunet", "framework.deep_supervision=false", "framework.iterations_per_epoch=30",
-         "framework.val_iterations_per_epoch=1", "framework.batch_size=4", "framework.num_workers=0"],
+        ["framework=nnunet", "framework.deep_supervision=false", "framework.epochs=1",
+         "framework.iterations_per_epoch=30", "framework.val_iterations_per_epoch=1", "framework.batch_size=4",
+         "framework.num_workers=0"],
         [("same setting: find_unused_parameters=True", "safe", {"find_unused_parameters": True}),
          ("ddp=auto against the usual fix, find_unused_parameters=True", "auto", {"find_unused_parameters": True})],
     ),

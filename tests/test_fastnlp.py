@@ -115,3 +115,60 @@ def test_a_used_head_named_in_ignore_is_kept_in_sync(workdir):
         proc.stdout
     )
     assert "head: head.weight, head.bias" in proc.stdout
+
+
+TEAM_PRESET = """\
+# @package _global_
+# A team's preset: framework-neutral, the same file for every trainer the team uses.
+defaults:
+  - override /ddp: auto
+  - _self_
+ddp:
+  probe_steps: 3
+"""
+
+
+@fastnlp
+@pytest.mark.slow
+def test_a_users_own_fastnlp_script_takes_the_policy_from_a_team_preset(workdir):
+    from conftest import REPO, run
+
+    presets = workdir / "team" / "preset"
+    presets.mkdir(parents=True)
+    (presets / "team-text.yaml").write_text(TEAM_PRESET)
+    out = workdir / "out"
+    out.mkdir()
+    script = REPO / "tests" / "scripts" / "fastnlp_own_script.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(workdir / "team"), str(out)]  # fmt: skip
+    proc = run(cmd, workdir)  # and run() compares the digests every rank wrote
+    assert proc.returncode == 0, output(proc)
+    said = proc.stdout + proc.stderr
+    assert "ddp=auto chose ignore: the same 2 parameters got no gradient in every step on every rank (probe: 3" in said
+    assert "own script done: ddp_kwargs={}, ignored=2" in proc.stdout
+    assert "replicas equal at the end of the run" in said
+    assert sorted(p.name for p in out.glob("replica_rank*.json")) == ["replica_rank0.json", "replica_rank1.json"]
+
+
+@fastnlp
+@pytest.mark.slow
+def test_fastnlp_checkpoints_and_resumes_its_own_trainer(workdir):
+    first = train(workdir, "framework=fastnlp", "ddp=safe", "framework.n_epochs=1", "framework.checkpoint_every=1")
+    assert first.returncode == 0, output(first)
+    [run_dir] = run_dirs(workdir)
+    [last] = run_dir.glob("checkpoints/*/trainer-last")
+    assert (last / "fastnlp_checkpoint.pkl.tar").is_file()
+    resumed = train(workdir, "framework=fastnlp", "ddp=safe", "framework.n_epochs=2", f"framework.resume_from={last}")
+    assert resumed.returncode == 0, output(resumed)
+    assert "Rank: 0 - Epoch:1/2, Batch:8" in resumed.stdout, "fastNLP counts epochs from 0: the second one ran"
+    assert "Epoch:0/2" not in resumed.stdout, "and only the second"
+    assert "batches=16" in resumed.stdout, "fastNLP's batch counter went on from the checkpoint"
+
+
+def test_resume_from_a_folder_without_a_checkpoint_is_refused(workdir):
+    proc = train(workdir, "framework=fastnlp", f"framework.resume_from={workdir}")
+    if "not installed" in proc.stderr:
+        pytest.skip("fastNLP not installed: the install hint is tested in test_bad_input")
+    assert proc.returncode == 2, output(proc)
+    assert "no fastNLP trainer checkpoint there (fastnlp_checkpoint.pkl.tar missing)" in proc.stderr
+    assert run_dirs(workdir) == []

@@ -82,7 +82,7 @@ def test_real_config_trains_with_the_fix(workdir, preset):
 
 @mmdet
 @pytest.mark.slow
-def test_own_config_keeps_its_data_and_wrapper_and_names_the_seed_002_trap(workdir):
+def test_own_config_keeps_its_data_and_wrapper_and_names_settings_mmengine_ignores(workdir):
     from adapters.frameworks.mmdet import write_synthetic_coco
 
     write_synthetic_coco(workdir / "mydata", num_images=8, size=96, seed=1)
@@ -191,3 +191,71 @@ def test_a_used_head_named_in_ignore_is_kept_in_sync(workdir):
         proc.stdout
     )
     assert "bbox_head.retina_cls: bbox_head.retina_cls.weight, bbox_head.retina_cls.bias" in proc.stdout
+
+
+@mmdet
+@pytest.mark.slow
+def test_resume_load_from_and_mmdet_s_inference_api_on_the_trained_checkpoint(workdir):
+    import subprocess
+
+    work_dir = workdir / "wd"  # kept across runs, as a user's own work_dir is
+    first = train(workdir, *SMALL, "ddp=safe", f"framework.work_dir={work_dir}", timeout=400)
+    assert first.returncode == 0, output(first)
+    assert (work_dir / "iter_2.pth").is_file()
+    # A new training into the same work_dir would write over it: refused, with the resume line to use.
+    again = train(workdir, *SMALL, "ddp=safe", f"framework.work_dir={work_dir}")
+    assert again.returncode == 2 and "already holds a training (iter_2.pth)" in again.stderr, output(again)
+    assert "framework.resume=auto" in again.stderr
+    # mmengine's own resume: model, optimizer and iteration from iter_2.pth, on every rank.
+    resumed = train(workdir, *SMALL, "ddp=safe", f"framework.work_dir={work_dir}", "framework.resume=auto",
+                    "framework.max_iters=4", timeout=400)  # fmt: skip
+    assert resumed.returncode == 0, output(resumed)
+    assert "resumed epoch: 0, iter: 2" in resumed.stdout
+    assert len(re.findall(r"Iter\(train\) \[[34]/4\]", resumed.stdout)) == 2, "iterations 3 and 4 only"
+    # load_from: weights only, a new training (iteration 1 of 1) in a folder of its own.
+    loaded = train(workdir, *SMALL, "ddp=safe", f"framework.load_from={work_dir / 'iter_4.pth'}",
+                   "framework.max_iters=1", timeout=400)  # fmt: skip
+    assert loaded.returncode == 0, output(loaded)
+    assert f"Load checkpoint from {work_dir / 'iter_4.pth'}" in loaded.stdout
+    assert "Iter(train) [1/1]" in loaded.stdout and "resumed" not in loaded.stdout
+    # mmdet's inference API, unchanged, on the config mmengine wrote into work_dir and the resumed checkpoint.
+    image = next(run_dirs(workdir)[0].glob("data/images/*.png"))
+    code = (
+        "import sys; from mmdet.apis import init_detector, inference_detector; "
+        "model = init_detector(sys.argv[1], sys.argv[2], device='cpu'); "
+        "result = inference_detector(model, sys.argv[3]); "
+        "print(type(result).__name__, tuple(result.pred_instances.bboxes.shape)[1:], result.img_shape)"
+    )
+    args = [str(work_dir / "retinanet_r18_fpn_1x_coco.py"), str(work_dir / "iter_4.pth"), str(image)]
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=workdir, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "DetDataSample (4,) (96, 96)"
+
+
+@mmdet
+@pytest.mark.parametrize("overrides,words", [
+    (["framework.resume=/no/such.pth"], "framework.resume=/no/such.pth: no such checkpoint file"),
+    (["framework.resume=auto"], "framework.work_dir is not set"),
+    (["framework.resume=auto", "framework.load_from=/x.pth"], "resume continues a training"),
+])  # fmt: skip
+def test_nothing_to_resume_is_refused_before_launch(workdir, overrides, words):
+    proc = train(workdir, "framework=mmdet", *overrides)
+    assert proc.returncode == 2, output(proc)
+    assert words in proc.stderr
+    assert run_dirs(workdir) == []
+
+
+@mmdet
+def test_from_your_own_script_a_preset_is_applied_to_an_mmengine_config():
+    from mmengine.config import Config
+
+    from adapters.api import Policy
+    from adapters.frameworks.mmdet import config_path
+
+    cfg = Config.fromfile(str(config_path(YOLO)))  # its top-level find_unused_parameters = True is ignored
+    lines = Policy(["ddp=static"], framework="mmdet", backend="gloo").apply_to_mmengine(cfg)
+    assert cfg.model_wrapper_cfg == {"type": "MMDistributedDataParallel", buffer_sync_kwarg(): False,
+                                     "static_graph": True, "device_ids": None}  # fmt: skip
+    assert cfg.launcher == "pytorch" and cfg.env_cfg.dist_cfg.backend == "gloo"
+    assert any("top-level find_unused_parameters=True is ignored" in line for line in lines)

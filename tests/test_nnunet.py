@@ -19,6 +19,8 @@ from adapter_contract import AdapterContract
 from conftest import ENV, TRAIN, grandchildren, output, requires, run_dirs, train
 
 nnunet = requires("nnunet")
+SHORT = ["framework.epochs=1", "framework.iterations_per_epoch=3", "framework.val_iterations_per_epoch=1"]
+TRAINERS = Path(__file__).parent / "nnunet_trainers"  # a team's own trainer class, as nnU-Net finds it
 SEG_LAYERS = [
     "decoder.seg_layers.0 (ranks 0, 1): decoder.seg_layers.0.weight, decoder.seg_layers.0.bias",
     "decoder.seg_layers.1 (ranks 0, 1): decoder.seg_layers.1.weight, decoder.seg_layers.1.bias",
@@ -31,7 +33,11 @@ class TestNNUNetAdapter(AdapterContract):
 
     def native(self, ddp_kwargs, backend):
         device = "cuda:<rank>" if backend is Backend.nccl else "cpu"
-        return {"trainer": "nnUNetTrainerDDPPolicy(nnUNetTrainer)", "ddp_kwargs": ddp_kwargs, "device": device}
+        return {
+            "trainer": "framework.trainer, ddp_kwargs added to its DDP(...) call",
+            "ddp_kwargs": ddp_kwargs,
+            "device": device,
+        }
 
 
 def test_explain_shows_what_changes_in_the_trainer():
@@ -40,7 +46,7 @@ def test_explain_shows_what_changes_in_the_trainer():
             "'framework.num_workers=2', 'framework.pin_memory=false'])); print('nnunetv2' in sys.modules)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "DDP(self.network, device_ids=None, static_graph=True)  # inside nnUNetTrainer.initialize()" in out
-    assert "enable_deep_supervision = False" in out
+    assert "enable_deep_supervision = False" in out and "trainer: nnUNetTrainer," in out
     assert "nnUNet_n_proc_DA = 2" in out and "pin_memory = False" in out
     assert out.strip().endswith("False"), "explain imports no nnU-Net"
 
@@ -71,7 +77,7 @@ def test_demo_plans_preprocesses_and_trains_with_safe(trained):
     pre = run_dir / "nnunet" / "nnUNet_preprocessed" / "Dataset001_Blobs"
     assert (pre / "nnUNetPlans.json").is_file() and (pre / "dataset_fingerprint.json").is_file()
     results = run_dir / "nnunet" / "nnUNet_results" / "Dataset001_Blobs"
-    assert list(results.glob("nnUNetTrainerDDPPolicy__nnUNetPlans__2d/fold_0/checkpoint_final.pth"))
+    assert list(results.glob("nnUNetTrainer__nnUNetPlans__2d/fold_0/checkpoint_final.pth")), "nnU-Net's own name"
     for rank in (0, 1):
         assert "DDP as built: find_unused_parameters=True" in (run_dir / f"rank{rank}.log").read_text()
 
@@ -81,7 +87,7 @@ def test_demo_plans_preprocesses_and_trains_with_safe(trained):
 def test_strict_names_the_decoder_seg_layers(trained, workdir):
     env = own_data_env(trained[1])
     proc = train(workdir, "framework=nnunet", "framework.dataset=Dataset001_Blobs", "ddp=strict",
-                 "framework.deep_supervision=false", env=env)  # fmt: skip
+                 "framework.deep_supervision=false", *SHORT, env=env)  # fmt: skip
     assert proc.returncode == 1, output(proc)
     assert "DDP stopped on ranks 0, 1: 6 parameters got no gradient" in proc.stderr
     for line in SEG_LAYERS:
@@ -91,14 +97,42 @@ def test_strict_names_the_decoder_seg_layers(trained, workdir):
 
 @nnunet
 @pytest.mark.slow
-def test_static_trains_on_your_own_preprocessed_dataset_by_id(trained, workdir):
-    env = own_data_env(trained[1])
-    proc = train(workdir, "framework=nnunet", "framework.dataset=1", "ddp=static", "framework.deep_supervision=false",
-                 env=env)  # fmt: skip
+def test_static_trains_a_team_s_own_trainer_on_your_dataset_by_id(trained, workdir):
+    # The team's trainer turns deep supervision off and sets its own short schedule in __init__: both kept.
+    env = {**own_data_env(trained[1]), "PYTHONPATH": f"{TRAINERS}:{ENV['PYTHONPATH']}"}
+    proc = train(workdir, "framework=nnunet", "framework.dataset=1", "ddp=static",
+                 "framework.trainer=my_trainers.nnUNetTrainerTeamShort", env=env)  # fmt: skip
     assert proc.returncode == 0, output(proc)
     [run_dir] = run_dirs(workdir)
     assert "DDP as built: find_unused_parameters=False, static_graph=True" in (run_dir / "rank0.log").read_text()
     assert not (run_dir / "nnunet" / "nnUNet_preprocessed").exists(), "their dataset was used"
+    [folder] = run_dir.glob("nnunet/nnUNet_results/Dataset001_Blobs/nnUNetTrainerTeamShort__nnUNetPlans__2d/fold_0")
+    debug = json.loads((folder / "debug.json").read_text())  # the trainer's own attributes, as nnU-Net writes them
+    assert (debug["num_iterations_per_epoch"], debug["enable_deep_supervision"]) == ("2", "False")
+    import torch
+
+    assert torch.load(folder / "checkpoint_final.pth", weights_only=False)["trainer_name"] == "nnUNetTrainerTeamShort"
+    # nnU-Net's own predictor finds the team's trainer by that name (nnUNet_extTrainer) and predicts a case.
+    predicted = predict_cli(run_dir / "nnunet" / "nnUNet_results", first_image(trained[1]), workdir,
+                            "nnUNetTrainerTeamShort", {"nnUNet_extTrainer": str(TRAINERS)})  # fmt: skip
+    assert predicted.returncode == 0, predicted.stdout[-3000:] + predicted.stderr[-3000:]
+    assert (workdir / "predicted" / "blob_000.png").is_file()
+
+
+def predict_cli(results: Path, image: Path, workdir: Path, trainer: str, env: dict) -> subprocess.CompletedProcess:
+    """nnU-Net's own command line, nnUNetv2_predict, on one image, from a results folder (nnUNet_results)."""
+    inputs = workdir / "to_predict"
+    inputs.mkdir(exist_ok=True)
+    (inputs / image.name).write_bytes(image.read_bytes())
+    cmd = [str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(workdir / "predicted"),
+           "-d", "1", "-c", "2d", "-f", "0", "-tr", trainer, "-device", "cpu", "--disable_tta", "-npp", "1",
+           "-nps", "1", "--disable_progress_bar"]  # fmt: skip
+    return subprocess.run(cmd, cwd=workdir, env={**ENV, "nnUNet_results": str(results), **env}, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+def first_image(trained_run: Path) -> Path:
+    return next((trained_run / "nnunet" / "nnUNet_raw").glob("*/imagesTr/blob_000_0000.png"))
 
 
 @nnunet
@@ -107,7 +141,7 @@ def test_dead_augmentation_workers_are_explained(trained, workdir):
     # A real death: the test SIGKILLs the ranks' data-augmentation processes, as the OOM killer would.
     env = {**ENV, **own_data_env(trained[1])}
     cmd = [sys.executable, str(TRAIN), "framework=nnunet", "framework.dataset=Dataset001_Blobs", "ddp=safe",
-           "framework.num_workers=1", "framework.iterations_per_epoch=500"]  # fmt: skip
+           "framework.num_workers=1", "framework.epochs=1", "framework.iterations_per_epoch=500"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed, deadline = [], time.monotonic() + 240
     while not killed and time.monotonic() < deadline and proc.poll() is None:
@@ -160,7 +194,7 @@ def test_dataset_without_nnunet_folders_says_where_to_look(workdir):
 def test_doctor_names_the_decoder_seg_layers(trained, workdir):
     proc = subprocess.run(
         [sys.executable, "-m", "adapters", "doctor", "framework=nnunet", "framework.dataset=Dataset001_Blobs",
-         "framework.deep_supervision=false"],
+         "framework.deep_supervision=false", *SHORT],
         cwd=workdir, env={**ENV, **own_data_env(trained[1])}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -172,13 +206,66 @@ def test_doctor_names_the_decoder_seg_layers(trained, workdir):
 
 @nnunet
 @pytest.mark.slow
-def test_auto_leaves_out_the_seg_layers_and_trains(trained, workdir):
-    proc = train(workdir, "framework=nnunet", "framework.dataset=1", "framework.deep_supervision=false", "ddp=auto",
-                 env=own_data_env(trained[1]))  # fmt: skip
+def test_auto_applies_to_an_nnunet_variant_whose_model_nnunet_then_predicts(trained, workdir):
+    # nnU-Net's own variant without deep supervision: the probe sees the coarser seg layers unused.
+    proc = train(workdir, "framework=nnunet", "framework.dataset=1", "framework.trainer=nnUNetTrainerNoDeepSupervision",
+                 "ddp=auto", *SHORT, env=own_data_env(trained[1]))  # fmt: skip
     assert proc.returncode == 0, output(proc)
     assert "ddp=auto chose ignore: the same 6 parameters got no gradient" in proc.stdout
     [run_dir] = run_dirs(workdir)
     assert "ignored=6" in (run_dir / "rank1.log").read_text()
+    results = run_dir / "nnunet" / "nnUNet_results" / "Dataset001_Blobs"
+    folder = results / "nnUNetTrainerNoDeepSupervision__nnUNetPlans__2d"
+    # nnU-Net's predictor, unchanged, from the training output folder: it finds the trainer by the checkpoint's name.
+    code = (
+        "import sys, torch, numpy as np; from PIL import Image; "
+        "from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor; "
+        "p = nnUNetPredictor(device=torch.device('cpu'), use_mirroring=False, perform_everything_on_device=False); "
+        "p.initialize_from_trained_model_folder(sys.argv[1], use_folds=(0,), checkpoint_name='checkpoint_final.pth'); "
+        "p.predict_from_files_sequential([[sys.argv[2]]], [sys.argv[3]]); "
+        "print(p.trainer_name, np.asarray(Image.open(sys.argv[3] + '.png')).shape)"
+    )  # fmt: skip
+    args = [sys.executable, "-c", code, str(folder), str(first_image(trained[1])), str(workdir / "case")]
+    predicted = subprocess.run(args, cwd=workdir, env={**ENV, "nnUNet_results": str(results.parent)},
+                               capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert predicted.returncode == 0, predicted.stdout[-3000:] + predicted.stderr[-3000:]
+    assert predicted.stdout.strip().splitlines()[-1] == "nnUNetTrainerNoDeepSupervision (64, 64)"
+
+
+@nnunet
+@pytest.mark.slow
+def test_continue_training_resumes_nnunet_s_own_checkpoint_and_a_new_run_never_overwrites_it(trained, workdir):
+    results = workdir / "results"  # nnU-Net's results folder, kept across runs as a user's is
+    env = {**own_data_env(trained[1]), "nnUNet_results": str(results)}
+    first = train(workdir, "framework=nnunet", "framework.dataset=1", "ddp=safe", *SHORT, env=env)
+    assert first.returncode == 0, output(first)
+    again = train(workdir, "framework=nnunet", "framework.dataset=1", "ddp=safe", *SHORT, env=env)
+    assert again.returncode == 2 and "already holds a training (checkpoint_final.pth)" in again.stderr, output(again)
+    assert "framework.continue_training=true" in again.stderr
+    more = train(workdir, "framework=nnunet", "framework.dataset=1", "ddp=safe", "framework.continue_training=true",
+                 "framework.epochs=2", "framework.iterations_per_epoch=3", "framework.val_iterations_per_epoch=1",
+                 env=env)  # fmt: skip
+    assert more.returncode == 0, output(more)
+    assert "continuing from epoch 1 (framework.continue_training)" in more.stdout
+    import torch
+
+    final = results / "Dataset001_Blobs" / "nnUNetTrainer__nnUNetPlans__2d" / "fold_0" / "checkpoint_final.pth"
+    assert torch.load(final, weights_only=False)["current_epoch"] == 2
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["framework.trainer=nnUNetTrainerNope"], ["framework.trainer=nnUNetTrainerNope: no such trainer class",
+                                               "nnUNet_extTrainer"]),
+    (["framework.continue_training=true"], ["the synthetic dataset is written into each new run folder"]),
+])  # fmt: skip
+def test_a_missing_trainer_or_nothing_to_continue_is_refused(workdir, overrides, words):
+    proc = train(workdir, "framework=nnunet", *overrides)
+    if "nnunetv2" in proc.stderr and "not installed" in proc.stderr:
+        pytest.skip("nnunetv2 not installed: the install hint is tested in test_bad_input")
+    assert proc.returncode == 2, output(proc)
+    for w in words:
+        assert w in proc.stderr
+    assert run_dirs(workdir) == []
 
 
 @nnunet
@@ -188,7 +275,7 @@ def test_memory_batch_size_becomes_the_plan_s_global_batch(trained, workdir):
     planned = json.loads(plans.read_text())["configurations"]["2d"]["batch_size"]
     per_process = 3 if planned != 6 else 2  # a global batch the plan does not have
     proc = train(workdir, "framework=nnunet", "framework.dataset=1", f"memory.batch_size={per_process}",
-                 "memory.num_workers=0", env=own_data_env(trained[1]))  # fmt: skip
+                 "memory.num_workers=0", *SHORT, env=own_data_env(trained[1]))  # fmt: skip
     assert proc.returncode == 0, output(proc)
     [run_dir] = run_dirs(workdir)
     # nnU-Net's trainer writes its own attributes (rank 0's) to debug.json: batch_size is its batch per process.
@@ -201,7 +288,7 @@ def test_memory_batch_size_becomes_the_plan_s_global_batch(trained, workdir):
 def test_a_used_seg_layer_named_in_ignore_is_kept_in_sync(trained, workdir):
     # All seg layers named, with deep supervision off: the coarser three are unused, the last one is the output.
     proc = train(workdir, "framework=nnunet", "framework.dataset=1", "framework.deep_supervision=false", "ddp=ignore",
-                 "ddp.ignore=[decoder.seg_layers]", env=own_data_env(trained[1]))  # fmt: skip
+                 "ddp.ignore=[decoder.seg_layers]", *SHORT, env=own_data_env(trained[1]))  # fmt: skip
     assert proc.returncode == 0, output(proc)  # and run() compared every rank's parameter digests
     [run_dir] = run_dirs(workdir)
     assert "ignored=8" in (run_dir / "rank1.log").read_text()
@@ -209,3 +296,16 @@ def test_a_used_seg_layer_named_in_ignore_is_kept_in_sync(trained, workdir):
         proc.stdout
     )
     assert "decoder.seg_layers.3: decoder.seg_layers.3.weight, decoder.seg_layers.3.bias" in proc.stdout
+
+
+@nnunet
+def test_from_your_own_script_any_trainer_gets_the_policy_under_its_own_name():
+    from nnunetv2.training.nnUNetTrainer.variants.network_architecture.nnUNetTrainerNoDeepSupervision import (
+        nnUNetTrainerNoDeepSupervision,
+    )
+
+    from adapters.api import Policy
+
+    trainer = Policy(["ddp=static"], framework="nnunet", backend="gloo").nnunet_trainer(nnUNetTrainerNoDeepSupervision)
+    assert trainer.__name__ == "nnUNetTrainerNoDeepSupervision", "the name nnU-Net's predictor looks up"
+    assert issubclass(trainer, nnUNetTrainerNoDeepSupervision) and trainer.ddp_kwargs == {"static_graph": True}

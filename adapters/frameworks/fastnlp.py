@@ -17,14 +17,18 @@ Users with their own fastNLP script take the settings from ``trainer_kwargs(poli
 
 from __future__ import annotations
 
+import os
+import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 from ..base import Adapter, WorkerContext
 from ..errors import ConfigError
 from ..native import MemorySettings, Setting, Translation, call_args, ddp_kwargs
 from ..policy import Backend, DDPPolicy, MemoryPolicy, out_of_range
+from ..world import run_start
 
 
 def trainer_kwargs(policy: DDPPolicy) -> dict[str, Any]:
@@ -57,6 +61,15 @@ class FastNLPConfig:
     aux_loss: bool = True
     # fastNLP's progress display: raw (plain lines, good in logs), rich, tqdm or auto.
     progress_bar: str = "raw"
+    # fastNLP's own checkpoints of the whole Trainer state (CheckpointCallback, save_object="trainer") every this
+    # many epochs, into <run folder>/checkpoints/<launch time>/trainer-epoch_N and trainer-last. 0: none.
+    checkpoint_every: int = 0
+    # Continue from a checkpoint folder fastNLP wrote (.../trainer-last or trainer-epoch_N): Trainer.run(
+    # resume_from=...) restores model, optimizer, epoch and batch position on every rank. null: start afresh.
+    resume_from: Optional[str] = None
+
+
+CHECKPOINT_FILE = "fastnlp_checkpoint.pkl.tar"  # fastNLP.envs.FASTNLP_CHECKPOINT_FILENAME
 
 
 class FastNLPAdapter(Adapter):
@@ -107,6 +120,18 @@ class FastNLPAdapter(Adapter):
         if not framework_cfg.lr > 0:
             raise out_of_range("framework.lr", framework_cfg.lr, "the learning rate must be above 0",
                                "framework.lr=0.05")  # fmt: skip
+        if framework_cfg.checkpoint_every < 0:
+            raise out_of_range("framework.checkpoint_every", framework_cfg.checkpoint_every, "it must be 0 (no "
+                               "checkpoints) or more", "framework.checkpoint_every=1")  # fmt: skip
+        if framework_cfg.resume_from is not None:
+            folder = Path(framework_cfg.resume_from).expanduser()
+            if not (folder / CHECKPOINT_FILE).is_file():
+                raise ConfigError(
+                    f"framework.resume_from={framework_cfg.resume_from}: no fastNLP trainer checkpoint there "
+                    f"({CHECKPOINT_FILE} missing).\nFix: a folder fastNLP's CheckpointCallback wrote with "
+                    "save_object='trainer', such as <run folder>/checkpoints/<time>/trainer-last "
+                    "(framework.checkpoint_every=1 writes them)."
+                )
         choices = ("raw", "rich", "tqdm", "auto")
         if framework_cfg.progress_bar not in choices:
             raise ConfigError(
@@ -118,6 +143,10 @@ class FastNLPAdapter(Adapter):
         from torch.nn.parallel import DistributedDataParallel
         from torch.utils.data import DataLoader
 
+        # fastNLP names its checkpoint folders by FASTNLP_LAUNCH_TIME, which each process sets on import unless its
+        # launcher did: the run's own start time, the same on every rank, gives the ranks one folder.
+        started = time.localtime(run_start())
+        os.environ.setdefault("FASTNLP_LAUNCH_TIME", time.strftime("%Y-%m-%d-%H_%M_%S_000000", started))
         with warnings.catch_warnings():  # fastNLP 1.0.1 imports pkg_resources, which warns on every import
             warnings.simplefilter("ignore", UserWarning)
             from fastNLP import Trainer
@@ -150,15 +179,23 @@ class FastNLPAdapter(Adapter):
         if outside:
             model = ctx.track_ddp(DistributedDataParallel(model, **ddp_args))
         optimizer = torch.optim.SGD(model.parameters(), lr=fw.lr, momentum=0.9)
+        callbacks = [_first_step_callback()(ctx)]
+        if fw.checkpoint_every:
+            from fastNLP import CheckpointCallback
+
+            folder = str(ctx.run_dir / "checkpoints")
+            callbacks.append(CheckpointCallback(folder=folder, every_n_epochs=fw.checkpoint_every, last=True,
+                                                save_object="trainer"))  # fmt: skip
         trainer = Trainer(model=model, optimizers=optimizer, train_dataloader=loader, n_epochs=fw.n_epochs,
-                          progress_bar=fw.progress_bar, callbacks=[_first_step_callback()(ctx)],
-                          **trainer_args)  # fmt: skip
+                          progress_bar=fw.progress_bar, callbacks=callbacks, **trainer_args)  # fmt: skip
         if ctx.ddp_model is None:  # fastNLP wrapped it (nccl path)
             ctx.track_ddp(trainer.driver.model)
         # fastNLP's driver SIGKILLs every other rank when one raises, before they can say why; the launcher
         # stops them itself, after each had the chance to report.
         trainer.driver._pids = None
-        trainer.run()
+        if fw.resume_from is not None:
+            ctx.log.info("resuming fastNLP's Trainer from %s (framework.resume_from)", fw.resume_from)
+        trainer.run(resume_from=None if fw.resume_from is None else str(Path(fw.resume_from).expanduser()))
         return {"epochs": fw.n_epochs, "batches": trainer.global_forward_batches}
 
 

@@ -44,8 +44,14 @@ class MMDetConfig:
     # Train this many iterations (IterBasedTrainLoop, no validation, constant learning rate).
     # null keeps the config's own schedule.
     max_iters: Optional[int] = 4
-    # mmengine's work_dir; null: <run folder>/work_dir.
+    # mmengine's work_dir; null: <run folder>/work_dir. One that holds an earlier training's checkpoints is
+    # refused unless resume continues it.
     work_dir: Optional[str] = None
+    # mmengine's own resume: "auto" continues from the latest checkpoint in framework.work_dir; a checkpoint
+    # file continues from that one (model, optimizer, scheduler and iteration). null: start afresh.
+    resume: Optional[str] = None
+    # mmengine's load_from: start from these weights (a checkpoint file), with a fresh optimizer and iteration 0.
+    load_from: Optional[str] = None
     # mmengine-style overrides merged into the config last, e.g. {"model.bbox_head.num_classes": 3}
     # (+framework.cfg_options.optim_wrapper.optimizer.lr=0.001 works too).
     cfg_options: Dict[str, Any] = field(default_factory=dict)
@@ -106,6 +112,7 @@ class MMDetAdapter(Adapter):
             if value is not None and value < 1:
                 raise out_of_range(f"framework.{key}", value, "it must be at least 1 (or null: the config's own)",
                                    f"framework.{key}=1 or more")  # fmt: skip
+        check_resume(framework_cfg)
         if framework_cfg.num_workers is not None and framework_cfg.num_workers < 0:
             raise out_of_range("framework.num_workers", framework_cfg.num_workers, "DataLoader workers per rank must "
                                "be 0 (load in the training process) or more", "framework.num_workers=0")  # fmt: skip
@@ -146,6 +153,10 @@ class MMDetAdapter(Adapter):
         cfg.randomness = dict(seed=fw.seed)
         if fw.cfg_options:
             cfg.merge_from_dict(dict(fw.cfg_options))
+        if fw.resume is not None:  # mmengine's own resume: load_from names the checkpoint, or None finds the latest
+            cfg.resume, cfg.load_from = True, None if fw.resume == "auto" else str(Path(fw.resume).expanduser())
+        elif fw.load_from is not None:
+            cfg.resume, cfg.load_from = False, str(Path(fw.load_from).expanduser())
 
         runner = Runner.from_cfg(cfg)
         ctx.track_ddp(runner.model)
@@ -176,7 +187,7 @@ class MMDetAdapter(Adapter):
         ctx.log.info("train dataloader as built: batch_size=%s, num_workers=%s, pin_memory=%s (per process)",
                      batch, loader.num_workers, loader.pin_memory)  # fmt: skip
         runner.register_hook(_first_step_hook(ctx), priority="VERY_LOW")
-        runner.train()
+        runner.train()  # mmengine loads load_from (or resumes) here, before the first iteration
         summary: dict[str, Any] = {"iters": runner.iter, "work_dir": cfg.work_dir}
         loss = runner.message_hub.get_scalar("train/loss")
         if loss is not None:
@@ -291,16 +302,61 @@ def use_synthetic_data(cfg: Any, data_root: Path, image_size: int) -> None:
         dict(type="RandomFlip", prob=0.5),
         dict(type="PackDetInputs"),
     ]
-    cfg.train_dataloader.dataset = dict(
-        type="CocoDataset", data_root=str(data_root), ann_file="annotations.json", data_prefix=dict(img="images/"),
-        metainfo=dict(classes=("box",)), filter_cfg=dict(filter_empty_gt=True, min_size=4), pipeline=pipeline,
-    )  # fmt: skip
+    data = dict(type="CocoDataset", data_root=str(data_root), ann_file="annotations.json",
+                data_prefix=dict(img="images/"), metainfo=dict(classes=("box",)))  # fmt: skip
+    cfg.train_dataloader.dataset = dict(**data, filter_cfg=dict(filter_empty_gt=True, min_size=4), pipeline=pipeline)
+    # The test settings stay, on the synthetic data: mmengine builds them only for runner.test(), and the config it
+    # writes into work_dir then works with mmdet's inference API (init_detector reads the test pipeline).
+    test_pipeline = [
+        dict(type="LoadImageFromFile"),
+        dict(type="Resize", scale=(image_size, image_size), keep_ratio=True),
+        dict(type="PackDetInputs", meta_keys=("img_id", "img_path", "ori_shape", "img_shape", "scale_factor")),
+    ]
+    cfg.test_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False, drop_last=False,
+                               sampler=dict(type="DefaultSampler", shuffle=False),
+                               dataset=dict(**data, test_mode=True, pipeline=test_pipeline))  # fmt: skip
+    cfg.test_cfg = dict(type="TestLoop")
+    cfg.test_evaluator = dict(type="CocoMetric", ann_file=str(data_root / "annotations.json"), metric="bbox")
     _no_validation(cfg)
 
 
 def _no_validation(cfg: Any) -> None:
-    for key in ("val_dataloader", "val_cfg", "val_evaluator", "test_dataloader", "test_cfg", "test_evaluator"):
+    """No validation during training (the test settings stay: they run only in runner.test())."""
+    for key in ("val_dataloader", "val_cfg", "val_evaluator"):
         cfg[key] = None
+
+
+def check_resume(fw: MMDetConfig) -> None:
+    """resume and load_from name something that exists; a work_dir with an earlier training is continued, never
+    written over."""
+    if fw.resume is not None and fw.load_from is not None:
+        raise ConfigError(
+            f"framework.resume={fw.resume} and framework.load_from={fw.load_from}: resume continues a training (its "
+            "own weights, optimizer and iteration), load_from starts a new one from weights.\nFix: keep one of them."
+        )
+    for key in ("resume", "load_from"):
+        value = getattr(fw, key)
+        if value is not None and value != "auto" and not Path(value).expanduser().is_file():
+            raise ConfigError(f"framework.{key}={value}: no such checkpoint file.\nFix: the path of a .pth file "
+                              "mmengine wrote (work_dir/iter_N.pth, epoch_N.pth)"
+                              + (", or framework.resume=auto with framework.work_dir=<that training's work_dir>."
+                                 if key == "resume" else "."))  # fmt: skip
+    work_dir = Path(fw.work_dir).expanduser() if fw.work_dir else None
+    held = sorted(work_dir.glob("*.pth")) if work_dir and work_dir.is_dir() else []
+    if fw.resume == "auto" and not held:
+        where = (
+            f"{work_dir} holds no checkpoint" if work_dir else "framework.work_dir is not set (each run has its own)"
+        )
+        raise ConfigError(f"framework.resume=auto continues from the latest checkpoint in framework.work_dir, but "
+                          f"{where}.\nFix: framework.work_dir=<the work_dir of the training to continue>.")  # fmt: skip
+    from ..world import World
+
+    if held and fw.resume is None and World.detect().restart == 0:  # a torchrun restart finds its own run's
+        raise ConfigError(
+            f"framework.work_dir={fw.work_dir} already holds a training ({', '.join(p.name for p in held[:3])}); a new "
+            "one would write its checkpoints over it.\nFix: framework.resume=auto to continue it, or another "
+            "framework.work_dir (or leave it out: each run gets its own)."
+        )
 
 
 def short_schedule(cfg: Any, max_iters: int) -> None:

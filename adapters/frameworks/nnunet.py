@@ -1,8 +1,9 @@
 """framework=nnunet: nnU-Net v2's real trainer, with the policy handed to the DDP call it makes itself.
 
 nnU-Net has no setting for DDP's unused-parameter handling; with deep supervision off, the decoder's lower
-``seg_layers`` get no gradient and multi-GPU training stops. The trainer subclass in
-``nnunet_trainer.py`` supplies the policy's arguments to nnU-Net's own ``DDP(...)`` call.
+``seg_layers`` get no gradient and multi-GPU training stops. ``nnunet_trainer.with_policy`` supplies the
+policy's arguments to nnU-Net's own ``DDP(...)`` call in any trainer (``framework.trainer``), under that
+trainer's own name, so nnU-Net's predictor loads what was trained here.
 
 Memory: ``framework.batch_size`` overrides the plan's batch size (nnU-Net's global batch, split
 over the ranks), ``framework.num_workers`` the data-augmentation processes per rank (``nnUNet_n_proc_DA``)
@@ -23,6 +24,7 @@ from ..base import Adapter, WorkerContext
 from ..errors import ConfigError
 from ..native import MemorySettings, Setting, Translation, call_args
 from ..policy import Backend, DDPPolicy, MemoryPolicy, out_of_range
+from ..world import World
 
 SYNTHETIC = "Dataset001_Blobs"
 FOLDER_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
@@ -39,11 +41,21 @@ class NNUNetConfig:
     configuration: str = "2d"
     fold: int = 0
     plans: str = "nnUNetPlans"
-    # false: only the full-resolution output is trained; the lower seg_layers get no gradient.
-    deep_supervision: bool = True
-    epochs: int = 1
-    iterations_per_epoch: int = 3
-    val_iterations_per_epoch: int = 1
+    # The trainer: a class name nnU-Net finds itself (nnUNetTrainer, a variant such as
+    # nnUNetTrainerNoDeepSupervision, or a class in the folders of nnUNet_extTrainer), or a dotted path to your
+    # own subclass (my_pkg.trainers.MyTrainer). Checkpoints and the output folder carry this name.
+    trainer: str = "nnUNetTrainer"
+    # false: only the full-resolution output is trained; the lower seg_layers get no gradient. null: the
+    # trainer's own (nnUNetTrainer: on).
+    deep_supervision: Optional[bool] = None
+    # The schedule. null: the trainer's own (nnUNetTrainer: 1000 epochs of 250 iterations, 50 validation
+    # iterations); for the synthetic dataset 1 epoch of 3 iterations and 1 validation iteration.
+    epochs: Optional[int] = None
+    iterations_per_epoch: Optional[int] = None
+    val_iterations_per_epoch: Optional[int] = None
+    # Continue the training in the trainer's output folder from its checkpoint (final, else latest, else best),
+    # as nnUNetv2_train --c does. Needs a dataset whose results are kept (nnUNet_results).
+    continue_training: bool = False
     # The plan's batch size (global, split over the ranks). null: the plan's; 4 for the synthetic dataset.
     batch_size: Optional[int] = None
     # Data-augmentation processes per rank (nnUNet_n_proc_DA). null: nnU-Net's choice; 0 (in-process) for
@@ -63,14 +75,14 @@ class NNUNetAdapter(Adapter):
     def _translate(self, kwargs: dict[str, Any], policy: DDPPolicy, backend: Backend) -> Translation:
         device_ids = "[self.local_rank]" if backend is Backend.nccl else "None"
         return Translation(
-            settings={"trainer": "nnUNetTrainerDDPPolicy(nnUNetTrainer)", "ddp_kwargs": kwargs,
+            settings={"trainer": "framework.trainer, ddp_kwargs added to its DDP(...) call", "ddp_kwargs": kwargs,
                       "device": "cuda:<rank>" if backend is Backend.nccl else "cpu"},  # fmt: skip
             snippet=f"DDP(self.network, device_ids={device_ids}{call_args(kwargs)})"
             "  # inside nnUNetTrainer.initialize()",
             notes=(
                 "nnU-Net's initialize() calls DDP(self.network, device_ids=[self.local_rank]) with no way to pass "
-                "arguments; the trainer subclass hands it a DDP constructor that adds them. nnU-Net's own code "
-                "runs unchanged.",
+                "arguments; a subclass of the trainer, under the trainer's own name, hands it a DDP constructor that "
+                "adds them. nnU-Net's own code runs unchanged, and its predictor loads the checkpoints.",
                 *(() if backend is Backend.nccl else (
                     "On CPU the trainer's device is set back to cpu after nnU-Net's __init__ (which assumes cuda "
                     "whenever a process group exists), without a GradScaler, and device_ids is dropped.",)),
@@ -93,10 +105,14 @@ class NNUNetAdapter(Adapter):
     def explain_framework(self, framework_cfg: NNUNetConfig) -> list[str]:
         fw = framework_cfg
         synthetic = fw.dataset is None
+        own = {name: "the trainer's own" for name in SCHEDULE}
+        shown = {**own, **{name: str(value) for name, value in overrides(fw).items()}}
         return [
-            f"enable_deep_supervision = {fw.deep_supervision}  (framework.deep_supervision)",
-            f"num_epochs = {fw.epochs}, num_iterations_per_epoch = {fw.iterations_per_epoch}, "
-            f"num_val_iterations_per_epoch = {fw.val_iterations_per_epoch}",
+            f"trainer: {fw.trainer}, its DDP(...) call given the policy's arguments; checkpoints and the output folder "
+            f"keep the name {fw.trainer.rsplit('.', 1)[-1]}  (framework.trainer)",
+            f"enable_deep_supervision = {shown['enable_deep_supervision']}  (framework.deep_supervision)",
+            f"num_epochs = {shown['num_epochs']}, num_iterations_per_epoch = {shown['num_iterations_per_epoch']}, "
+            f"num_val_iterations_per_epoch = {shown['num_val_iterations_per_epoch']}",
             f"plans['configurations'][{fw.configuration!r}]['batch_size'] = "
             + (str(_batch_size(fw.batch_size, synthetic)) if _batch_size(fw.batch_size, synthetic) else "the plan's")
             + "  (framework.batch_size)",
@@ -106,26 +122,34 @@ class NNUNetAdapter(Adapter):
             "data augmenter pin_memory = " + ("nnU-Net's choice (on with cuda)" if fw.pin_memory is None
                                                else str(fw.pin_memory)) + "  (framework.pin_memory)",
             "dataset: " + (f"synthetic {SYNTHETIC} written into the run folder" if synthetic else fw.dataset),
+            *(["continue from the checkpoint in the output folder (framework.continue_training)"]
+              if fw.continue_training else []),
         ]  # fmt: skip
 
     def validate(self, framework_cfg: NNUNetConfig) -> None:
         fw = framework_cfg
         for key in ("epochs", "iterations_per_epoch", "num_images", "image_size"):
-            if getattr(fw, key) < 1:
-                raise out_of_range(f"framework.{key}", getattr(fw, key), "it must be at least 1",
+            value = getattr(fw, key)
+            if value is not None and value < 1:
+                raise out_of_range(f"framework.{key}", value, "it must be at least 1 (or null: the trainer's own)",
                                    f"framework.{key}=1 or more")  # fmt: skip
-        if fw.val_iterations_per_epoch < 0:
+        if fw.val_iterations_per_epoch is not None and fw.val_iterations_per_epoch < 0:
             raise out_of_range("framework.val_iterations_per_epoch", fw.val_iterations_per_epoch, "it must be 0 or "
-                               "more", "framework.val_iterations_per_epoch=1")  # fmt: skip
+                               "more (or null: the trainer's own)", "framework.val_iterations_per_epoch=1")  # fmt: skip
         if fw.batch_size is not None and fw.batch_size < 1:
             raise out_of_range("framework.batch_size", fw.batch_size, "it must be at least 1 (or null: the plan's)",
                                "framework.batch_size=4, or null")  # fmt: skip
         if fw.num_workers is not None and fw.num_workers < 0:
             raise out_of_range("framework.num_workers", fw.num_workers, "augmentation processes per rank must be 0 "
                                "(in-process) or more", "framework.num_workers=0")  # fmt: skip
+        check_trainer(fw.trainer)
         if fw.dataset is not None:
             folder = find_dataset(str(fw.dataset))
             check_configuration(folder, fw.plans, fw.configuration)
+        if fw.continue_training:
+            check_continue(fw)
+        elif fw.dataset is not None and World.detect().restart == 0:  # a torchrun restart finds its own run's
+            check_output_folder(fw)
 
     def run(self, ctx: WorkerContext) -> dict[str, Any]:
         import torch.distributed as dist
@@ -142,10 +166,11 @@ class NNUNetAdapter(Adapter):
             os.environ.update({var: str(root / var) for var in FOLDER_VARS})
         else:
             os.environ.setdefault("nnUNet_results", str(root / "nnUNet_results"))
-        # nnunetv2.paths reads the folder variables when it is first imported: only now.
         import torch
 
-        from .nnunet_trainer import nnUNetTrainerDDPPolicy as Trainer
+        from .nnunet_trainer import find_trainer, with_policy
+
+        Trainer = with_policy(find_trainer(fw.trainer))  # noqa: N806 - a class
 
         if synthetic:
             if ctx.is_main:
@@ -167,17 +192,115 @@ class NNUNetAdapter(Adapter):
                 raise ConfigError(f"framework.batch_size={batch_size} is nnU-Net's global batch size: it must be at "
                                   f"least the number of processes ({ctx.world_size}).")  # fmt: skip
             plans["configurations"][fw.configuration]["batch_size"] = batch_size
-        plans["continue_training"] = False  # nnU-Net's run_training adds this; a trainer built directly needs it
+        plans["continue_training"] = fw.continue_training  # nnU-Net's run_training adds this for its logger
         # nnU-Net rebuilds a trainer from __init__'s arguments by signature: the run's settings go in as class
         # attributes, and the trainer calls ctx's hooks as every adapter does.
         Trainer.ddp_kwargs = dict(ctx.native.settings["ddp_kwargs"])
-        Trainer.settings = fw
+        Trainer.overrides = overrides(fw, synthetic)
+        Trainer.run_device = torch.device(ctx.device)
+        Trainer.pin_memory = fw.pin_memory
         Trainer.ctx = ctx
         trainer = Trainer(plans, fw.configuration, fw.fold, dataset_json, device=torch.device(ctx.device))
+        if ctx.is_main:
+            ctx.log.info("nnU-Net trainer %s (%s), output folder %s", Trainer.__name__, Trainer.__module__,
+                         trainer.output_folder)  # fmt: skip
+        if fw.continue_training:
+            from nnunetv2.run.run_training import maybe_load_checkpoint
+
+            maybe_load_checkpoint(trainer, True, False)  # nnUNetv2_train --c: final, else latest, else best
+            ctx.log.info("continuing from epoch %d (framework.continue_training)", trainer.current_epoch)
         trainer.run_training()
         losses = trainer.logger.local_logger.my_fantastic_logging.get("train_losses") or [float("nan")]
         return {"epochs": trainer.num_epochs, "train_loss": round(float(losses[-1]), 4),
                 "output_folder": trainer.output_folder}  # fmt: skip
+
+
+SCHEDULE = {  # trainer attribute -> framework key
+    "enable_deep_supervision": "deep_supervision",
+    "num_epochs": "epochs",
+    "num_iterations_per_epoch": "iterations_per_epoch",
+    "num_val_iterations_per_epoch": "val_iterations_per_epoch",
+}
+SYNTHETIC_SCHEDULE = {"num_epochs": 1, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1}
+
+
+def overrides(fw: NNUNetConfig, synthetic: bool | None = None) -> dict[str, Any]:
+    """The trainer attributes this run sets; the others keep what the trainer's own __init__ gave them."""
+    synthetic = fw.dataset is None if synthetic is None else synthetic
+    out = dict(SYNTHETIC_SCHEDULE) if synthetic else {}
+    out.update({attr: getattr(fw, key) for attr, key in SCHEDULE.items() if getattr(fw, key) is not None})
+    return out
+
+
+def check_trainer(spec: str) -> None:
+    """The trainer exists: a dotted path must import; a bare name must be a class nnU-Net can find (its package, or
+    the folders of nnUNet_extTrainer). Read from the source files, without importing nnU-Net."""
+    import importlib.util
+    import re
+
+    if "." in spec:
+        from ..building import check_target
+
+        check_target("framework.trainer", {"_target_": spec}, "nnUNetTrainer")
+        return
+    found = importlib.util.find_spec("nnunetv2")
+    folders = [Path(list(found.submodule_search_locations)[0]) / "training" / "nnUNetTrainer"] if found else []
+    folders += [Path(p) for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p.strip()]
+    pattern = re.compile(rf"^class {re.escape(spec)}\b", re.MULTILINE)
+    for folder in folders:
+        for path in folder.rglob("*.py") if folder.is_dir() else ():
+            if pattern.search(path.read_text(errors="replace")):
+                return
+    raise ConfigError(
+        f"framework.trainer={spec}: no such trainer class in nnU-Net ({folders[0] if folders else 'not installed'})"
+        + (f" or in nnUNet_extTrainer ({os.environ['nnUNet_extTrainer']})" if os.environ.get("nnUNet_extTrainer")
+           else "") + ".\nFix: the name of an nnU-Net trainer (nnUNetTrainer, nnUNetTrainerNoDeepSupervision, ...), "
+        "the dotted path of your own subclass (my_pkg.trainers.MyTrainer), or its folder in nnUNet_extTrainer."
+    )  # fmt: skip
+
+
+def output_folder(fw: NNUNetConfig, dataset: str) -> Path | None:
+    """Where nnU-Net keeps this trainer's results: <nnUNet_results>/<dataset>/<trainer>__<plans>__<config>/fold_N."""
+    results = os.environ.get("nnUNet_results")
+    if not results:
+        return None
+    trainer = fw.trainer.rsplit(".", 1)[-1]
+    return Path(results) / dataset / f"{trainer}__{fw.plans}__{fw.configuration}" / f"fold_{fw.fold}"
+
+
+CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+
+
+def check_output_folder(fw: NNUNetConfig) -> None:
+    """A new training never writes over another's checkpoints in nnU-Net's output folder (nnU-Net would)."""
+    folder = output_folder(fw, find_dataset(str(fw.dataset)).name)
+    held = [n for n in CHECKPOINTS if folder is not None and (folder / n).is_file()]
+    if held:
+        raise ConfigError(
+            f"framework.trainer={fw.trainer} fold {fw.fold}: nnU-Net's output folder {folder} already holds a "
+            f"training ({', '.join(held)}); a new one would write over it.\nFix: framework.continue_training=true "
+            "to continue it, another framework.fold or framework.trainer, or move that folder away first."
+        )
+
+
+def check_continue(fw: NNUNetConfig) -> None:
+    """continue_training needs a checkpoint to continue from; nnU-Net itself would start afresh with a warning."""
+    if fw.dataset is None:
+        raise ConfigError(
+            "framework.continue_training=true: the synthetic dataset is written into each new run folder, so there "
+            "is no earlier training of it to continue.\nFix: framework.dataset=<a preprocessed dataset> with "
+            "nnUNet_results set (where nnU-Net keeps results), or drop framework.continue_training."
+        )
+    folder = output_folder(fw, find_dataset(str(fw.dataset)).name)
+    names = CHECKPOINTS
+    if folder is None or not any((folder / n).is_file() for n in names):
+        where = f"in {folder}" if folder else "anywhere: nnUNet_results is not set"
+        raise ConfigError(
+            f"framework.continue_training=true: there is no checkpoint to continue from {where} (looked for "
+            f"{', '.join(names)}).\nFix: check framework.trainer, framework.plans, framework.configuration, "
+            "framework.fold and nnUNet_results against the training to continue, or drop "
+            "framework.continue_training to start afresh."
+        )
 
 
 def _batch_size(value: int | None, synthetic: bool) -> int | None:

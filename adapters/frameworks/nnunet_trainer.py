@@ -1,11 +1,16 @@
-"""nnU-Net's own trainer with the policy applied. Imported only inside a worker of framework=nnunet.
+"""nnU-Net's own trainers with the policy applied. Imported only inside a worker of framework=nnunet.
 
 nnU-Net v2 offers no DDP setting: ``nnUNetTrainer.initialize`` calls ``DDP(self.network,
-device_ids=[self.local_rank])`` through the module-level name ``DDP``. The subclass below runs nnU-Net's
-``initialize`` unchanged while that name points, for the duration of the call only, at a constructor that
-adds the policy's keyword arguments (and drops ``device_ids`` on CPU). The data-augmentation constructor is
-handed in the same way when ``pin_memory`` is overridden. No nnU-Net code is copied and no installed file is
-edited.
+device_ids=[self.local_rank])`` through the module-level name ``DDP``. ``with_policy(trainer_class)`` returns a
+subclass of any nnU-Net trainer (nnUNetTrainer, a variant such as nnUNetTrainerNoDeepSupervision, or a user's
+own subclass) that runs nnU-Net's ``initialize`` unchanged while that name points, for the duration of the call
+only, at a constructor that adds the policy's keyword arguments (and drops ``device_ids`` on CPU). No nnU-Net
+code is copied and no installed file is edited.
+
+The subclass carries the name of the class it extends: nnU-Net writes ``self.__class__.__name__`` into every
+checkpoint (``trainer_name``) and into the output folder's name (``<trainer>__<plans>__<configuration>``), and
+its predictor (``nnUNetv2_predict``, ``nnUNetPredictor.initialize_from_trained_model_folder``) looks the class up
+by that name. A model trained here is therefore predicted with nnU-Net's own tools, unchanged.
 """
 
 from __future__ import annotations
@@ -28,29 +33,18 @@ def replaced(module: Any, name: str, value: Any) -> Iterator[None]:
         setattr(module, name, original)
 
 
-class nnUNetTrainerDDPPolicy(nnUNetTrainer):
-    """nnUNetTrainer whose DDP wrapper takes the policy's arguments.
-
-    Settings are class attributes set by the adapter before the trainer is built: nnU-Net records
-    ``__init__``'s arguments by signature to rebuild a trainer, so the signature stays nnUNetTrainer's.
-    """
+class PolicyMixin:
+    """The policy on top of any nnU-Net trainer. Settings are class attributes set by the adapter before the
+    trainer is built: nnU-Net records ``__init__``'s arguments by signature to rebuild a trainer, so the mixin
+    defines no ``__init__`` and the signature stays the trainer's own."""
 
     ddp_kwargs: dict[str, Any] = {}
-    settings: Any = None  # the run's framework node (NNUNetConfig): deep supervision, schedule, pin_memory
+    # What the run overrides, applied at the start of initialize(): {"enable_deep_supervision": False, ...};
+    # a trainer attribute that is not named keeps the value the trainer's own __init__ gave it.
+    overrides: dict[str, Any] = {}
+    run_device: Any = None  # torch.device for this rank (cpu on gloo), or None to keep nnU-Net's choice
+    pin_memory: bool | None = None  # the augmenter's pin_memory, or None for nnU-Net's choice
     ctx: Any = None  # the rank's WorkerContext: its hooks track_ddp, resolve_unused_params, first_step_done
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):  # fmt: skip
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        if device.type != "cuda":
-            # nnU-Net assumes cuda whenever a process group exists; on CPU there is neither cuda nor a scaler.
-            self.device = device
-            self.grad_scaler = None
-        settings = self.settings
-        self.enable_deep_supervision = settings.deep_supervision
-        self.num_epochs = settings.epochs
-        self.num_iterations_per_epoch = settings.iterations_per_epoch
-        self.num_val_iterations_per_epoch = settings.val_iterations_per_epoch
 
     def _ddp(self, module: torch.nn.Module, device_ids: list[int] | None = None, **kwargs: Any) -> Any:
         from torch.nn.parallel import DistributedDataParallel
@@ -61,6 +55,12 @@ class nnUNetTrainerDDPPolicy(nnUNetTrainer):
         return self.ctx.track_ddp(model)
 
     def initialize(self) -> None:
+        if self.run_device is not None and self.run_device.type != "cuda":
+            # nnU-Net assumes cuda whenever a process group exists; on CPU there is neither cuda nor a scaler.
+            self.device = self.run_device
+            self.grad_scaler = None
+        for name, value in self.overrides.items():
+            setattr(self, name, value)
         with replaced(trainer_module, "DDP", self._ddp):
             super().initialize()
 
@@ -90,14 +90,34 @@ class nnUNetTrainerDDPPolicy(nnUNetTrainer):
         return result
 
     def get_dataloaders(self):
-        pin_memory = self.settings.pin_memory
-        if pin_memory is None:
+        if self.pin_memory is None:
             return super().get_dataloaders()
         original = trainer_module.NonDetMultiThreadedAugmenter
 
         def augmenter(*args: Any, **kwargs: Any) -> Any:
-            kwargs["pin_memory"] = pin_memory
+            kwargs["pin_memory"] = self.pin_memory
             return original(*args, **kwargs)
 
         with replaced(trainer_module, "NonDetMultiThreadedAugmenter", augmenter):
             return super().get_dataloaders()
+
+
+def with_policy(trainer_class: type) -> type:
+    """``trainer_class`` with the policy applied, under its own name and module (see the module's docstring)."""
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, nnUNetTrainer)):
+        raise TypeError(f"{trainer_class!r} is not a subclass of nnU-Net's nnUNetTrainer")
+    namespace = {"__module__": trainer_class.__module__, "__qualname__": trainer_class.__qualname__,
+                 "__doc__": trainer_class.__doc__}  # fmt: skip
+    return type(trainer_class.__name__, (PolicyMixin, trainer_class), namespace)
+
+
+def find_trainer(spec: str) -> type:
+    """The trainer class ``spec`` names: a class name nnU-Net finds itself (in its package, then in the folders of
+    ``nnUNet_extTrainer``), or a dotted path to a user's own subclass (``my_pkg.trainers.MyTrainer``)."""
+    if "." in spec:
+        from ..building import locate
+
+        return locate(spec)
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    return recursive_find_trainer_class_by_name(spec)

@@ -1,0 +1,51 @@
+"""A team's own PyTorch DDP loop, started with torchrun, taking the policy from the team's preset.
+
+torchrun --standalone --nproc_per_node 2 torch_own_script.py <team preset folder> <output folder>
+"""
+
+import itertools
+import logging
+import sys
+import types
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from adapters.api import Policy
+from adapters.demo import DeepSupervisionNet, SyntheticBlobs
+
+
+def main(presets: str, out: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING)
+    policy = Policy(["preset=team-seg", f"hydra.searchpath=[file://{presets}]"], backend="gloo")
+    torch.manual_seed(0)
+    model = DeepSupervisionNet(deep_supervision=False)  # the coarser heads get no gradient
+    data = SyntheticBlobs()
+    loader = DataLoader(data, batch_size=8, sampler=DistributedSampler(data, world, rank, seed=0), drop_last=True)
+
+    def step(batch: dict) -> None:
+        model(**batch)["loss"].backward()
+
+    kwargs = policy.prepare(model, itertools.cycle(loader), step)  # the team preset says ddp=auto
+    ddp = policy.track(DistributedDataParallel(model, **kwargs))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for batch in itertools.islice(loader, 6):
+        optimizer.zero_grad()
+        ddp(**batch)["loss"].backward()
+        optimizer.step()
+    policy.check_replicas()
+    from adapters.worker import save_replica_for_test  # the test suite's own digests (armed by its environment)
+
+    save_replica_for_test(types.SimpleNamespace(ddp_model=ddp, run_dir=Path(out), rank=rank))
+    if rank == 0:
+        print(f"own script done: kwargs={kwargs}, ignored={len(ddp.parameters_to_ignore)}", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
