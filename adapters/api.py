@@ -78,10 +78,13 @@ class Policy:
         under its own name, so nnU-Net's predictor finds what it trains. For auto and ignore the probe runs
         before the first epoch, as in ``train.py``."""
         self._expect("nnunet")
+        from .frameworks.nnunet import overrides
         from .frameworks.nnunet_trainer import with_policy
 
         cls = with_policy(trainer_class)
         cls.ddp_kwargs = dict(self.native.settings["ddp_kwargs"])
+        cls.overrides = overrides(self.checked.framework_cfg, synthetic=False)  # framework.* keys that were set
+        cls.pin_memory = self.checked.framework_cfg.pin_memory
         cls.ctx = self
         return cls
 

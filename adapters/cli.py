@@ -380,6 +380,8 @@ def module_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("presets", help="list the presets visible now, where each comes from and what it sets")
     p.add_argument("overrides", nargs="*", help="e.g. hydra.searchpath=[file://path/to/team-presets]")
+    sub.add_parser("nnunet-trainers", help="print the folder to put in nnUNet_extTrainer for nnUNetv2_train -tr "
+                   "nnUNetTrainerPolicy")  # fmt: skip
     p = sub.add_parser("doctor", help="run only the unused-parameter probe on every rank and report it")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
     args = parser.parse_args(argv)
@@ -390,6 +392,10 @@ def module_main(argv: Sequence[str] | None = None) -> int:
             from .presets import format_presets, list_presets
 
             print(format_presets(list_presets(args.overrides)))
+        elif args.command == "nnunet-trainers":
+            from .frameworks.nnunet import EXT_TRAINERS
+
+            print(EXT_TRAINERS)
         elif args.command == "doctor":
             print(doctor(args.overrides))
     except AdapterError as exc:

@@ -179,8 +179,9 @@ class TrustConfig:
     allowed_targets: List[str] = field(
         default_factory=lambda: ["adapters.", "torch.nn.", "torch.optim.", "torch.utils.data."]
     )
-    # framework=mmdet: an mmdet config named by a shared source is a Python file mmengine executes; refused
-    # unless this is set on the command line (configs shipped with mmdet, mmdet::<path>, are always allowed).
+    # An mmdet config named by a shared source is a Python file mmengine executes, and a checkpoint it names
+    # (resume, framework.resume, framework.load_from, framework.resume_from) is unpickled when loaded: both are
+    # refused unless this is set on the command line (configs shipped with mmdet, mmdet::<path>, are allowed).
     allow_python_configs: bool = False
 
 

@@ -192,11 +192,17 @@ def _ours(result: Any) -> bool:
     return result.provider == "main" and result.path.rstrip("/") == f"file://{conf_dir()}".rstrip("/")
 
 
+# Keys that name a checkpoint to load (torch.load unpickles it): the run folder to resume, mmengine's resume and
+# load_from, fastNLP's resume_from.
+UNPICKLED = ("resume", "framework.resume", "framework.load_from", "framework.resume_from")
+
+
 def check_shared_files(loaded: Sequence[tuple[Any, Any]], allow_python_configs: bool) -> None:
     """Every config file from a shared source in the composed defaults list (``(default, result)`` pairs, as
     Hydra resolved them), whatever its group or package: it may not shadow this project's schemas, set any
     ``hydra.*`` key or pick a Hydra group (callbacks, logging, launcher, search path, run folder run before
-    any check), set ``trust``, or point framework.config at a Python file (mmengine executes it)."""
+    any check), set ``trust``, point framework.config at a Python file (mmengine executes it), or name a checkpoint
+    to load (``UNPICKLED``: loading unpickles it)."""
     for default, result in loaded:
         if _ours(result):
             continue
@@ -241,6 +247,15 @@ def check_shared_files(loaded: Sequence[tuple[Any, Any]], allow_python_configs: 
                     "executes, so one named by a shared source is refused (configs shipped with mmdet, "
                     "mmdet::<path>, are allowed).\nFix: if you trust that file, allow it on the command line with "
                     "trust.allow_python_configs=true, or name the config yourself: framework.config=<path>."
+                )
+        for key in UNPICKLED:
+            value = _select(body, package, key)
+            if value is not None and value is not False and not allow_python_configs:
+                raise ConfigError(
+                    f"{where} sets {key}={value}: that names a checkpoint to load, and loading one unpickles it (a "
+                    "pickle can run code), so one named by a shared source is refused.\nFix: if you trust that file, "
+                    f"allow it on the command line with trust.allow_python_configs=true, or name it yourself: "
+                    f"{key}=<path>."
                 )
 
 

@@ -60,7 +60,7 @@ def test_a_users_own_torch_loop_takes_the_policy_and_the_probe_from_a_team_prese
     assert proc.returncode == 0, output(proc)
     said = proc.stdout + proc.stderr
     assert "ddp=auto chose ignore: the same 4 parameters got no gradient in every step on every rank (probe: 3" in said
-    assert "own script done: kwargs={'bucket_cap_mb': 50}, ignored=4" in proc.stdout
+    assert "own script done: kwargs={'bucket_cap_mb': 50.0}, ignored=4" in proc.stdout
     assert "DDP as built: find_unused_parameters=False, static_graph=False" in said and "bucket_cap_mb=50.0" in said
     assert "replicas equal at the end of the run" in said
     assert sorted(p.name for p in out.glob("replica_rank*.json")) == ["replica_rank0.json", "replica_rank1.json"]

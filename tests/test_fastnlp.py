@@ -172,3 +172,15 @@ def test_resume_from_a_folder_without_a_checkpoint_is_refused(workdir):
     assert proc.returncode == 2, output(proc)
     assert "no fastNLP trainer checkpoint there (fastnlp_checkpoint.pkl.tar missing)" in proc.stderr
     assert run_dirs(workdir) == []
+
+
+@fastnlp
+@pytest.mark.slow
+def test_doctor_names_the_auxiliary_head(workdir):
+    from conftest import ENV
+
+    cmd = [sys.executable, "-m", "adapters", "doctor", "framework=fastnlp", "framework.aux_loss=false"]
+    proc = subprocess.run(cmd, cwd=workdir, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, output(proc)
+    assert "aux_head (ranks 0, 1): aux_head.weight, aux_head.bias" in proc.stdout
+    assert "Recommended: ddp=ignore" in proc.stdout

@@ -240,7 +240,8 @@ def test_continue_training_resumes_nnunet_s_own_checkpoint_and_a_new_run_never_o
     first = train(workdir, "framework=nnunet", "framework.dataset=1", "ddp=safe", *SHORT, env=env)
     assert first.returncode == 0, output(first)
     again = train(workdir, "framework=nnunet", "framework.dataset=1", "ddp=safe", *SHORT, env=env)
-    assert again.returncode == 2 and "already holds a training (checkpoint_final.pth)" in again.stderr, output(again)
+    assert again.returncode == 2, output(again)
+    assert "already holds a training (checkpoint_final.pth, checkpoint_best.pth)" in again.stderr
     assert "framework.continue_training=true" in again.stderr
     more = train(workdir, "framework=nnunet", "framework.dataset=1", "ddp=safe", "framework.continue_training=true",
                  "framework.epochs=2", "framework.iterations_per_epoch=3", "framework.val_iterations_per_epoch=1",
@@ -309,3 +310,36 @@ def test_from_your_own_script_any_trainer_gets_the_policy_under_its_own_name():
     trainer = Policy(["ddp=static"], framework="nnunet", backend="gloo").nnunet_trainer(nnUNetTrainerNoDeepSupervision)
     assert trainer.__name__ == "nnUNetTrainerNoDeepSupervision", "the name nnU-Net's predictor looks up"
     assert issubclass(trainer, nnUNetTrainerNoDeepSupervision) and trainer.ddp_kwargs == {"static_graph": True}
+
+
+@nnunet
+@pytest.mark.slow
+def test_nnunets_own_train_command_takes_the_policy_from_the_environment(trained, workdir):
+    # nnUNetv2_train finds the trainer through nnUNet_extTrainer and the policy through ADAPTERS_NNUNET. On CPU it
+    # trains one process (its multi-process mode is NCCL only); the DDP call itself is the one train.py runs.
+    folder_of_trainers = subprocess.run([sys.executable, "-m", "adapters", "nnunet-trainers"], capture_output=True,
+                                        text=True, check=True).stdout.strip()  # fmt: skip
+    results = workdir / "results"
+    env = {**ENV, **own_data_env(trained[1]), "nnUNet_results": str(results), "nnUNet_extTrainer": folder_of_trainers,
+           "nnUNet_n_proc_DA": "0", "ADAPTERS_NNUNET": "ddp=static framework.epochs=1 framework.iterations_per_epoch=2 "
+           "framework.val_iterations_per_epoch=1"}  # fmt: skip
+    cmd = [str(Path(sys.executable).parent / "nnUNetv2_train"), "1", "2d", "0", "-tr", "nnUNetTrainerPolicy",
+           "-device", "cpu"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    folder = results / "Dataset001_Blobs" / "nnUNetTrainer__nnUNetPlans__2d" / "fold_0"  # the base trainer's name
+    debug = json.loads((folder / "debug.json").read_text())
+    assert (debug["ddp_kwargs"], debug["num_iterations_per_epoch"]) == ("{'static_graph': True}", "2")
+    import torch
+
+    assert torch.load(folder / "checkpoint_final.pth", weights_only=False)["trainer_name"] == "nnUNetTrainer"
+
+
+@nnunet
+@pytest.mark.slow
+def test_the_shipped_no_deep_supervision_preset_trains(trained, workdir):
+    proc = train(workdir, "preset=nnunet-no-deep-supervision", "framework.dataset=1", *SHORT,
+                 env=own_data_env(trained[1]))  # fmt: skip
+    assert proc.returncode == 0, output(proc)
+    [run_dir] = run_dirs(workdir)
+    assert "ignored=6" in (run_dir / "rank1.log").read_text(), "ddp=ignore's probe left the 6 seg-layer tensors out"

@@ -130,8 +130,19 @@ def test_the_wheel_carries_conf_and_works_installed(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = str(venv / "bin" / "python")
-    torch_pin = f"torch=={__import__('torch').__version__.split('+')[0]}"
-    subprocess.run([py, "-m", "pip", "install", "-q", torch_pin, str(wheel)], check=True, capture_output=True)
+    # The packages this environment already has (torch above all, a gigabyte to unpack) are visible to the new
+    # one through a .pth line instead of being installed again, and `pip check` verifies the wheel's declared
+    # requirements against them. The package itself comes only from the wheel: this environment has it as an
+    # editable install, whose finder a .pth line does not load.
+    import torch
+
+    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True,
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    (Path(site) / "test_env.pth").write_text(str(Path(torch.__file__).parents[1]) + "\n")
+    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", str(wheel)], check=True,
+                   capture_output=True)  # fmt: skip
+    deps = subprocess.run([py, "-m", "pip", "check"], capture_output=True, text=True)  # the wheel's requirements met
+    assert "ddp-adapters" not in deps.stdout, deps.stdout
     env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)}
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
@@ -221,6 +232,9 @@ BYPASSES = {
                              "framework:\n  config: SHARED/evil.py\n",
          "evil.py": "import pathlib; pathlib.Path('MARKER').touch()\n"},
         ["preset=evil"], ["sets framework.config=", "mmengine executes", "trust.allow_python_configs=true"]),
+    "a checkpoint to resume from (loading unpickles it)": (
+        {"preset/evil.yaml": "# @package _global_\nresume: SHARED/run\n", "run/checkpoints/last.pt": "PICKLE"},
+        ["preset=evil"], ["sets resume=", "loading one unpickles it", "trust.allow_python_configs=true"]),
 }  # fmt: skip
 
 
@@ -240,6 +254,9 @@ def test_a_shared_source_cannot_run_code(tmp_path, monkeypatch, capsys, name):
              .replace("PAYLOAD", str(payload)).replace("SHARED", str(team))
              for k, v in files.items()}  # fmt: skip
     _shared(tmp_path, files)
+    for name, body in files.items():
+        if body == "PICKLE":  # a checkpoint whose loading runs the payload
+            (team / name).write_bytes(payload.read_bytes())
     workdir = tmp_path / "work"
     workdir.mkdir()
     monkeypatch.chdir(workdir)

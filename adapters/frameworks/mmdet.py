@@ -187,8 +187,11 @@ class MMDetAdapter(Adapter):
         ctx.log.info("train dataloader as built: batch_size=%s, num_workers=%s, pin_memory=%s (per process)",
                      batch, loader.num_workers, loader.pin_memory)  # fmt: skip
         runner.register_hook(_first_step_hook(ctx), priority="VERY_LOW")
-        runner.train()  # mmengine loads load_from (or resumes) here, before the first iteration
+        with _checkpoint_globals(fw):
+            runner.train()  # mmengine loads load_from (or resumes) here, before the first iteration
         summary: dict[str, Any] = {"iters": runner.iter, "work_dir": cfg.work_dir}
+        if ctx.is_main:  # the weights alone, for mmdet's init_detector: see save_weights
+            summary["weights"] = str(save_weights(inner, runner, Path(cfg.work_dir) / "model.pth"))
         loss = runner.message_hub.get_scalar("train/loss")
         if loss is not None:
             summary["loss"] = round(float(loss.current()), 4)
@@ -324,6 +327,38 @@ def _no_validation(cfg: Any) -> None:
     """No validation during training (the test settings stay: they run only in runner.test())."""
     for key in ("val_dataloader", "val_cfg", "val_evaluator"):
         cfg[key] = None
+
+
+def save_weights(model: Any, runner: Any, path: Path) -> Path:
+    """The trained weights and the dataset's class names, as mmdet's ``init_detector`` reads them.
+
+    mmengine's own ``iter_N.pth`` also holds its message hub (numpy values, a HistoryBuffer), which torch >= 2.6
+    refuses to load by default (``weights_only=True``): ``init_detector`` then fails on it. This file holds only
+    tensors and plain values, so it loads with torch's safe default."""
+    import torch
+
+    meta = {"dataset_meta": dict(runner.train_dataloader.dataset.metainfo)}
+    torch.save({"meta": meta, "state_dict": model.state_dict()}, path)
+    return path
+
+
+def _checkpoint_globals(fw: MMDetConfig) -> Any:
+    """mmengine 0.10 loads checkpoints with ``torch.load``'s default, which torch 2.6 made ``weights_only=True``; an
+    mmengine checkpoint also holds its message hub's history (numpy values, HistoryBuffer) and so fails to load.
+    For the checkpoint named on the command line (a shared source may not name one), those few types are allowed,
+    nothing else: the load stays a weights-only load."""
+    import contextlib
+
+    if fw.resume is None and fw.load_from is None:
+        return contextlib.nullcontext()
+    import numpy as np
+    import torch
+    from mmengine.logging.history_buffer import HistoryBuffer
+
+    multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray  # numpy 2, numpy 1
+    dtypes = {type(np.dtype(t)) for t in ("float32", "float64", "int64")}
+    allowed = [HistoryBuffer, multiarray.scalar, multiarray._reconstruct, np.ndarray, np.dtype, getattr, *dtypes]
+    return torch.serialization.safe_globals(allowed)
 
 
 def check_resume(fw: MMDetConfig) -> None:

@@ -27,6 +27,8 @@ from ..policy import Backend, DDPPolicy, MemoryPolicy, out_of_range
 from ..world import World
 
 SYNTHETIC = "Dataset001_Blobs"
+# For nnUNet_extTrainer: trainers that take the policy from the environment, for nnUNetv2_train itself.
+EXT_TRAINERS = Path(__file__).resolve().parent / "nnunet_ext"
 FOLDER_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
 
@@ -246,7 +248,8 @@ def check_trainer(spec: str) -> None:
     found = importlib.util.find_spec("nnunetv2")
     folders = [Path(list(found.submodule_search_locations)[0]) / "training" / "nnUNetTrainer"] if found else []
     folders += [Path(p) for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p.strip()]
-    pattern = re.compile(rf"^class {re.escape(spec)}\b", re.MULTILINE)
+    name = re.escape(spec)
+    pattern = re.compile(rf"^(class {name}\b|{name} *=)", re.MULTILINE)  # a class, or a name bound to one
     for folder in folders:
         for path in folder.rglob("*.py") if folder.is_dir() else ():
             if pattern.search(path.read_text(errors="replace")):
