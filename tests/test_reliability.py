@@ -103,12 +103,18 @@ def test_a_checkpoint_killed_during_its_write_leaves_the_last_one_whole(workdir)
     assert_replicas_equal(folder)
 
 
+def _ctrl_c_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(workdir: Path, *overrides: str) -> tuple[subprocess.Popen, Path]:
     """train.py in a session of its own (as a terminal's foreground job is its own group), once training runs."""
     cmd = [sys.executable, str(TRAIN), "framework.steps=100000", "framework.log_every=50",
            "framework.checkpoint_every=0", *overrides]  # fmt: skip
+    # A terminal's foreground job has Ctrl-C at its default, whatever this test process inherited (a job started
+    # with `&` by a non-interactive shell, as CI scripts do, starts with SIGINT ignored, and so would train.py).
     proc = subprocess.Popen(cmd, cwd=workdir, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True, preexec_fn=_ctrl_c_default)  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         logs = {p.name: p for p in workdir.glob("outputs/*/*/rank*.log")}
