@@ -10,7 +10,7 @@ import os
 
 import nox
 
-nox.options.sessions = ["lint", "torch", "mmdet", "fastnlp", "nnunet"]
+nox.options.sessions = ["lint", "torch", "mmdet", "fastnlp", "nnunet", "lightning"]
 nox.options.error_on_missing_interpreters = True
 
 # A CPU build of torch that lies on this project's machines' disk; any torch>=2.1 works elsewhere.
@@ -57,6 +57,13 @@ def nnunet(session: nox.Session) -> None:
     """framework=nnunet: nnU-Net v2.8 (needs torchvision through timm: torch 2.14.1 + torchvision 0.29.1)."""
     session.install("torch==2.14.1", "torchvision==0.29.1", "-e", ".[nnunet,test]")
     session.run("pytest", "tests/test_nnunet.py", *session.posargs, env={"ADAPTERS_REQUIRE": "nnunet"})
+
+
+@nox.session
+def lightning(session: nox.Session) -> None:
+    """framework=lightning: PyTorch Lightning 2.6's Trainer with its DDPStrategy."""
+    session.install(TORCH, "-e", ".[lightning,test]")
+    session.run("pytest", "tests/test_lightning.py", *session.posargs, env={"ADAPTERS_REQUIRE": "lightning"})
 
 
 @nox.session(default=False)

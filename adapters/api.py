@@ -8,7 +8,9 @@ own object:
 * torch: ``DistributedDataParallel(model, **policy.ddp_kwargs())``;
 * fastNLP: ``Trainer(..., **policy.fastnlp_trainer_kwargs())``;
 * MMDetection: ``policy.apply_to_mmengine(cfg)`` on an mmengine ``Config`` before ``Runner.from_cfg(cfg)``;
-* nnU-Net: ``policy.nnunet_trainer(nnUNetTrainer)``, a subclass under the trainer's own name.
+* nnU-Net: ``policy.nnunet_trainer(nnUNetTrainer)``, a subclass under the trainer's own name;
+* Lightning: ``Trainer(strategy=policy.lightning_strategy(), ...)``, Lightning's own ``DDPStrategy`` that also
+  runs the probe right before Lightning wraps the module, and names the parameters when DDP stops.
 
 For ``ddp=auto`` and ``ddp=ignore`` the decision needs the run's model and batches: after
 ``init_process_group``, ``policy.prepare(module, batches, step)`` runs the probe on every rank (as ``train.py``
@@ -87,6 +89,16 @@ class Policy:
         cls.pin_memory = self.checked.framework_cfg.pin_memory
         cls.ctx = self
         return cls
+
+    def lightning_strategy(self, **kwargs: Any) -> Any:
+        """``lightning.Trainer(strategy=...)``: Lightning's ``DDPStrategy`` (a subclass) with the preset's DDP
+        keywords and ``process_group_backend``; ``kwargs`` go to ``DDPStrategy`` too (and win). For auto and
+        ignore the probe runs on the real LightningModule and its training batches right before Lightning wraps
+        it; strict stops after the first backward; a DDP error names the parameters. Imports Lightning."""
+        self._expect("lightning")
+        from .frameworks.lightning_parts import PolicyDDPStrategy
+
+        return PolicyDDPStrategy(hooks=self, **{**self.native.settings["strategy"]["init_args"], **kwargs})
 
     # --- the engine, in a rank (after init_process_group) -------------------------------------------------
 

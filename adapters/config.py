@@ -183,6 +183,14 @@ def _explain_compose_error(exc: Exception, overrides: Sequence[str]) -> ConfigEr
     text = str(exc)
     cause = exc.__cause__ or exc.__context__
     detail = f"{text}\n{cause}" if cause is not None and str(cause) not in text else text
+    if "mismatched input '='" in text:  # a value with '=' in it, such as Lightning's epoch=1-step=20.ckpt
+        override = next((o for o in overrides if "=" in o.partition("=")[2]), None)
+        if override is not None:
+            key, _, value = override.partition("=")
+            return ConfigError(
+                f"{override}: the value holds '=', which Hydra's override grammar reads as another assignment.\n"
+                f"Fix: quote the value, as one shell word: '{key}=\"{value}\"'"
+            )
     missing = _COULD_NOT_OVERRIDE.search(text)
     if missing:
         key = missing.group(1)

@@ -36,6 +36,7 @@ FRAMEWORKS = MappingProxyType(
                 "mmdet": Entry("adapters.frameworks.mmdet", "MMDetection", ("mmdet", "mmengine", "mmcv"), "mmdet"),
                 "fastnlp": Entry("adapters.frameworks.fastnlp", "fastNLP", ("fastNLP",), "fastnlp"),
                 "nnunet": Entry("adapters.frameworks.nnunet", "nnU-Net v2", ("nnunetv2",), "nnunet"),
+                "lightning": Entry("adapters.frameworks.lightning", "PyTorch Lightning", ("lightning",), "lightning"),
             }.items()
         )
     )

@@ -76,7 +76,8 @@ class AdapterContract:
             "from adapters.policy import Backend; "
             f"c = validate(compose(['framework={self.name}', 'ddp=safe']), for_run=False); "
             f"registry.load_adapter('{self.name}').translate(c.policy, backend=Backend.gloo); "
-            "print(sorted(m for m in ('mmengine', 'mmdet', 'mmcv', 'fastNLP', 'nnunetv2') if m in sys.modules))"
+            "heavy = ('mmengine', 'mmdet', 'mmcv', 'fastNLP', 'nnunetv2', 'lightning'); "
+            "print(sorted(m for m in heavy if m in sys.modules))"
         )
         out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == "[]"

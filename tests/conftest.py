@@ -23,6 +23,10 @@ ENV = {**{k: v for k, v in os.environ.items() if k not in _STALE},
        "ADAPTERS_TEST_HOOKS": "1", "ADAPTERS_TEST_SAVE_REPLICAS": "1"}  # fmt: skip
 
 
+# A team's preset, framework-neutral (ddp=auto, probe_steps=3, bucket_cap_mb=50): every framework's tests run it.
+TEAM_PRESET = ("preset=team-all", f"hydra.searchpath=[file://{REPO / 'tests' / 'team'}]")
+
+
 def run(cmd: list[str], cwd: Path, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a command to the end. The timeout is a hang guard, not a speed goal.
 

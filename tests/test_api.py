@@ -9,29 +9,19 @@ import pytest
 from adapters.api import Policy
 from adapters.errors import ConfigError
 
-from conftest import REPO, output, run
-
-TEAM_PRESET = """\
-# @package _global_
-# A team's preset: framework-neutral, the same file for every trainer the team uses.
-defaults:
-  - override /ddp: auto
-  - _self_
-ddp:
-  probe_steps: 3
-  bucket_cap_mb: 50
-"""
+from conftest import REPO, TEAM_PRESET, output, run
 
 
 @pytest.fixture
 def team(workdir):
-    (workdir / "team" / "preset").mkdir(parents=True)
-    (workdir / "team" / "preset" / "team-seg.yaml").write_text(TEAM_PRESET)
-    return workdir / "team"
+    """A copy of the team's preset folder (tests/team), for tests that add a file of their own to it."""
+    import shutil
+
+    return shutil.copytree(REPO / "tests" / "team", workdir / "team")
 
 
 def test_a_team_preset_becomes_each_framework_s_own_settings(team):
-    overrides = ["preset=team-seg", f"hydra.searchpath=[file://{team}]"]
+    overrides = ["preset=team-all", f"hydra.searchpath=[file://{team}]"]
     assert Policy(overrides).ddp_kwargs() == {"bucket_cap_mb": 50}
     assert Policy(overrides, framework="fastnlp").fastnlp_trainer_kwargs() == {
         "torch_kwargs": {"ddp_kwargs": {"bucket_cap_mb": 50}}
@@ -39,6 +29,31 @@ def test_a_team_preset_becomes_each_framework_s_own_settings(team):
     assert Policy(["ddp=static"], framework="mmdet").native.settings["model_wrapper_cfg"]["static_graph"] is True
     with pytest.raises(ConfigError, match="this Policy is for framework=torch; create it with framework='mmdet'"):
         Policy(overrides).apply_to_mmengine({})
+
+
+WHERE_DDP_KWARGS_GO = {
+    "torch": ("ddp_kwargs",),
+    "mmdet": ("model_wrapper_cfg",),
+    "fastnlp": ("outside_ddp_kwargs",),
+    "nnunet": ("ddp_kwargs",),
+    "lightning": ("strategy", "init_args"),
+}
+
+
+@pytest.mark.parametrize("framework", sorted(WHERE_DDP_KWARGS_GO))
+def test_one_team_preset_drives_every_framework(framework):
+    import json
+
+    from adapters import registry
+    from adapters.cli import explain
+
+    assert sorted(WHERE_DDP_KWARGS_GO) == sorted(registry.FRAMEWORKS), "every framework is in this test"
+    shown = json.loads(explain([f"framework={framework}", *TEAM_PRESET], as_json=True))
+    assert shown["policy"]["unused_params"] == "auto" and shown["policy"]["probe_steps"] == 3
+    settings = shown["settings"]
+    for key in WHERE_DDP_KWARGS_GO[framework]:
+        settings = settings[key]
+    assert settings["bucket_cap_mb"] == 50, shown["settings"]
 
 
 def test_a_shared_preset_cannot_run_code_through_the_library_either(team):
@@ -50,12 +65,12 @@ def test_a_shared_preset_cannot_run_code_through_the_library_either(team):
 
 
 @pytest.mark.slow
-def test_a_users_own_torch_loop_takes_the_policy_and_the_probe_from_a_team_preset(workdir, team):
+def test_a_users_own_torch_loop_takes_the_policy_and_the_probe_from_a_team_preset(workdir):
     out = workdir / "out"
     out.mkdir()
     script = REPO / "tests" / "scripts" / "torch_own_script.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(team), str(out)]  # fmt: skip
+           str(REPO / "tests" / "team"), str(out)]  # fmt: skip
     proc = run(cmd, workdir)  # and run() compares the digests every rank wrote
     assert proc.returncode == 0, output(proc)
     said = proc.stdout + proc.stderr

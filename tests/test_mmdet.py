@@ -12,7 +12,7 @@ from adapters.native import buffer_sync_kwarg
 from adapters.policy import Backend
 
 from adapter_contract import AdapterContract
-from conftest import output, requires, run_dirs, train
+from conftest import TEAM_PRESET, output, requires, run_dirs, train
 
 mmdet = requires("mmdet")
 # A config that ships with mmdet and really has parameters outside the loss: MobileNetV2's last 1x1 conv
@@ -140,15 +140,19 @@ def test_explain_imports_neither_mmdet_nor_mmengine():
 @mmdet
 @pytest.mark.slow
 def test_auto_leaves_out_the_unused_backbone_conv(workdir):
-    proc = train(workdir, *SMALL, f"framework.config={YOLO}", "framework.synthetic_data=true", "ddp=auto",
+    # The team's preset (ddp=auto, probe_steps=3, bucket_cap_mb=50), the same file every framework's tests run.
+    proc = train(workdir, *SMALL, f"framework.config={YOLO}", "framework.synthetic_data=true", *TEAM_PRESET,
                  timeout=400)  # fmt: skip
     assert proc.returncode == 0, output(proc)
-    assert "ddp=auto chose ignore: the same 3 parameters got no gradient" in proc.stdout
+    assert "ddp=auto chose ignore: the same 3 parameters got no gradient in every step on every rank (probe: 3" in (
+        proc.stdout
+    )
     assert "DDP leaves out backbone.conv2.bn: backbone.conv2.bn.weight, backbone.conv2.bn.bias" in proc.stdout
     [run_dir] = run_dirs(workdir)
     for rank in (0, 1):
-        assert "find_unused_parameters=False, static_graph=False" in (run_dir / f"rank{rank}.log").read_text()
-        assert "ignored=3" in (run_dir / f"rank{rank}.log").read_text()
+        log = (run_dir / f"rank{rank}.log").read_text()
+        assert "find_unused_parameters=False, static_graph=False" in log
+        assert "bucket_cap_mb=50.0, gradient_as_bucket_view=False, ignored=3" in log
 
 
 @mmdet

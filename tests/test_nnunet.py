@@ -16,7 +16,7 @@ import pytest
 from adapters.policy import Backend
 
 from adapter_contract import AdapterContract
-from conftest import ENV, TRAIN, grandchildren, output, requires, run_dirs, train
+from conftest import ENV, TEAM_PRESET, TRAIN, grandchildren, output, requires, run_dirs, train
 
 nnunet = requires("nnunet")
 SHORT = ["framework.epochs=1", "framework.iterations_per_epoch=3", "framework.val_iterations_per_epoch=1"]
@@ -209,11 +209,14 @@ def test_doctor_names_the_decoder_seg_layers(trained, workdir):
 def test_auto_applies_to_an_nnunet_variant_whose_model_nnunet_then_predicts(trained, workdir):
     # nnU-Net's own variant without deep supervision: the probe sees the coarser seg layers unused.
     proc = train(workdir, "framework=nnunet", "framework.dataset=1", "framework.trainer=nnUNetTrainerNoDeepSupervision",
-                 "ddp=auto", *SHORT, env=own_data_env(trained[1]))  # fmt: skip
+                 *TEAM_PRESET, *SHORT, env=own_data_env(trained[1]))  # fmt: skip
     assert proc.returncode == 0, output(proc)
-    assert "ddp=auto chose ignore: the same 6 parameters got no gradient" in proc.stdout
+    # The team's preset (ddp=auto, probe_steps=3, bucket_cap_mb=50), the same file every framework's tests run.
+    assert "ddp=auto chose ignore: the same 6 parameters got no gradient in every step on every rank (probe: 3" in (
+        proc.stdout
+    )
     [run_dir] = run_dirs(workdir)
-    assert "ignored=6" in (run_dir / "rank1.log").read_text()
+    assert "bucket_cap_mb=50.0, gradient_as_bucket_view=False, ignored=6" in (run_dir / "rank1.log").read_text()
     results = run_dir / "nnunet" / "nnUNet_results" / "Dataset001_Blobs"
     folder = results / "nnUNetTrainerNoDeepSupervision__nnUNetPlans__2d"
     # nnU-Net's predictor, unchanged, from the training output folder: it finds the trainer by the checkpoint's name.

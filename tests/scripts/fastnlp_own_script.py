@@ -24,7 +24,7 @@ def main(presets: str, out: str) -> None:
     dist.init_process_group("gloo")  # CPU: fastNLP's "DDP initialised outside" mode
     rank = dist.get_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING)  # progress from rank 0 only
-    policy = Policy(["preset=team-text", f"hydra.searchpath=[file://{presets}]"], framework="fastnlp", backend="gloo")
+    policy = Policy(["preset=team-all", f"hydra.searchpath=[file://{presets}]"], framework="fastnlp", backend="gloo")
     torch.manual_seed(0)
     model = TextClassifier(aux_loss=False)  # the auxiliary head is left out of the loss: no gradient
     loader = DataLoader(SyntheticTokens(128), batch_size=16, shuffle=True, drop_last=True)

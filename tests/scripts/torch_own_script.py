@@ -22,7 +22,7 @@ def main(presets: str, out: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING)
-    policy = Policy(["preset=team-seg", f"hydra.searchpath=[file://{presets}]"], backend="gloo")
+    policy = Policy(["preset=team-all", f"hydra.searchpath=[file://{presets}]"], backend="gloo")
     torch.manual_seed(0)
     model = DeepSupervisionNet(deep_supervision=False)  # the coarser heads get no gradient
     data = SyntheticBlobs()

@@ -1,0 +1,155 @@
+"""framework=lightning: PyTorch Lightning's real Trainer, 2 processes, gloo on CPU, the policy in its DDPStrategy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from adapters.policy import Backend
+
+from adapter_contract import AdapterContract
+from conftest import REPO, TEAM_PRESET, output, requires, run, run_dirs, train
+
+lightning = requires("lightning")
+STRATEGY = "lightning.pytorch.strategies.DDPStrategy"
+HEADS_OFF = "framework.deep_supervision=false"  # the demo's two coarser heads get no gradient
+
+
+class TestLightningAdapter(AdapterContract):
+    name = "lightning"
+
+    def native(self, ddp_kwargs, backend):
+        accelerator = "gpu" if backend is Backend.nccl else "cpu"
+        init_args = {**ddp_kwargs, "process_group_backend": backend.name}
+        return {"accelerator": accelerator, "strategy": {"class_path": STRATEGY, "init_args": init_args}}
+
+
+def test_explain_prints_the_strategy_as_code_and_as_yaml_without_lightning():
+    code = ("import sys; from adapters.cli import explain; print(explain(['framework=lightning', 'ddp=safe'])); "
+            "print('lightning' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "strategy=DDPStrategy(find_unused_parameters=True, process_group_backend='gloo')" in out
+    assert f"    class_path: {STRATEGY}\n    init_args:\n      find_unused_parameters: true" in out
+    assert out.strip().endswith("False")
+
+
+@lightning
+@pytest.mark.slow
+def test_demo_trains_with_lightnings_trainer(workdir):
+    import torch
+
+    proc = train(workdir, "framework=lightning", "ddp=safe")
+    assert proc.returncode == 0, output(proc)
+    assert proc.stdout.count("`Trainer.fit` stopped: `max_steps=20` reached.") == 1, "Lightning's own, rank 0 only"
+    assert "Epoch 1: 100%" in proc.stdout, "Lightning's progress bar"
+    [run_dir] = run_dirs(workdir)
+    for rank in (0, 1):
+        assert "DDP as built: find_unused_parameters=True" in (run_dir / f"rank{rank}.log").read_text()
+    [ckpt] = (run_dir / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt")
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 20 and "net.heads.0.weight" in saved["state_dict"]
+    assert (run_dir / "lightning_logs" / "version_0" / "metrics.csv").read_text().startswith("epoch,loss,step")
+    # After training: Lightning's own loading, and continuing the run from its checkpoint.
+    from adapters.frameworks.lightning_parts import DemoSegmenter
+
+    assert DemoSegmenter.load_from_checkpoint(ckpt, map_location="cpu").hparams.deep_supervision is True
+    more = train(workdir, "framework=lightning", "ddp=safe", f'framework.ckpt_path="{ckpt}"', "framework.max_steps=24")
+    assert more.returncode == 0, output(more)
+    assert f"Restoring states from the checkpoint path at {ckpt}" in more.stdout
+    assert "finished: steps=24" in more.stdout and "step 5/24" not in more.stdout, "it went on from step 20"
+
+
+@lightning
+@pytest.mark.slow
+def test_strict_names_the_parameters_lightning_would_hide(workdir):
+    proc = train(workdir, "framework=lightning", "ddp=strict", HEADS_OFF)
+    assert proc.returncode == 1, output(proc)
+    assert "DDP stopped on ranks 0, 1: 4 parameters got no gradient" in proc.stderr
+    assert "net.heads.0 (ranks 0, 1): net.heads.0.weight, net.heads.0.bias" in proc.stderr
+    assert "ddp=static" in proc.stderr and "ddp=safe" in proc.stderr
+    # DDP's own text, with its indices, is what the rank raised: Lightning's rewrite would have dropped them.
+    log = (run_dirs(workdir)[0] / "rank1.log").read_text()
+    assert "Parameter indices which did not receive grad for rank 1: 20 21 22 23" in log
+    assert "Parameters that got no gradient on rank 1: net.heads.0.weight, net.heads.0.bias" in log
+    assert "It looks like your LightningModule has parameters" not in log
+
+
+@lightning
+@pytest.mark.slow
+def test_static_graph_reaches_lightnings_ddp(workdir):
+    proc = train(workdir, "framework=lightning", "ddp=static", HEADS_OFF, "framework.max_steps=6")
+    assert proc.returncode == 0, output(proc)  # and run() compared every rank's parameter digests
+    assert "DDP as built: find_unused_parameters=False, static_graph=True" in proc.stdout
+
+
+@lightning
+@pytest.mark.slow
+def test_the_team_preset_runs_auto_on_lightning(workdir):
+    proc = train(workdir, "framework=lightning", *TEAM_PRESET, HEADS_OFF, "framework.max_steps=6")
+    assert proc.returncode == 0, output(proc)
+    assert "ddp=auto chose ignore: the same 4 parameters got no gradient in every step on every rank (probe: 3" in (
+        proc.stdout
+    )
+    assert "DDP as built: find_unused_parameters=False, static_graph=False" in proc.stdout
+    assert "bucket_cap_mb=50.0, gradient_as_bucket_view=False, ignored=4" in proc.stdout
+    assert "replicas equal at the end of the run" in proc.stdout
+
+
+@lightning
+@pytest.mark.slow
+def test_a_users_own_module_with_its_own_dataloader(workdir):
+    proc = train(workdir, "framework=lightning", "ddp=ignore", "framework.model._target_=my_pkg.lightning_models."
+                 "PoolerClassifier", "framework.data=null", "framework.max_steps=6")  # fmt: skip
+    assert proc.returncode == 0, output(proc)
+    assert "DDP leaves out pooler: pooler.weight, pooler.bias" in proc.stdout
+    assert "ignored=2" in proc.stdout
+    assert "finished: steps=6, epochs=1" in proc.stdout
+
+
+@lightning
+@pytest.mark.slow
+def test_a_users_own_lightning_script_takes_the_strategy_from_the_team_preset(workdir):
+    out = workdir / "out"
+    out.mkdir()
+    script = REPO / "tests" / "scripts" / "lightning_own_script.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(REPO / "tests" / "team"), str(out)]  # fmt: skip
+    proc = run(cmd, workdir)  # and run() compares the digests every rank wrote
+    assert proc.returncode == 0, output(proc)
+    said = proc.stdout + proc.stderr
+    assert "ddp=auto chose ignore: the same 2 parameters got no gradient in every step on every rank (probe: 3" in said
+    assert "own script done: ddp_kwargs={'bucket_cap_mb': 50.0}, ignored=['pooler.bias', 'pooler.weight']" in said
+    assert "replicas equal at the end of the run" in said
+    assert sorted(p.name for p in out.glob("replica_rank*.json")) == ["replica_rank0.json", "replica_rank1.json"]
+
+
+@pytest.mark.parametrize("override,words", [
+    ("+framework.trainer.strategy=ddp", "framework.trainer.strategy: the DDP policy (ddp=..., ddp.*) decides"),
+    ("+framework.trainer.max_epoch=3", "lightning.Trainer takes no argument 'max_epoch'. Did you mean max_epochs?"),
+    ("framework.model._target_=my_pkg.nowhere.Module", "framework.model._target_=my_pkg.nowhere.Module cannot be"),
+    ("framework.ckpt_path=/nowhere/last.ckpt", "framework.ckpt_path=/nowhere/last.ckpt: no such file"),
+    ("framework.max_steps=0", "framework.max_steps"),
+    ("framework.ckpt_path=/x/epoch=0-step=6.ckpt", "Fix: quote the value, as one shell word: "
+                                                   "'framework.ckpt_path=\"/x/epoch=0-step=6.ckpt\"'"),
+])  # fmt: skip
+@lightning
+def test_bad_options_name_the_key(workdir, override, words):
+    proc = train(workdir, "framework=lightning", override)
+    assert proc.returncode == 2, output(proc)
+    assert words in proc.stderr
+    assert "Traceback" not in output(proc)
+    assert run_dirs(workdir) == []
+
+
+@lightning
+@pytest.mark.slow
+def test_doctor_names_the_unused_heads(workdir):
+    from conftest import ENV
+
+    cmd = [sys.executable, "-m", "adapters", "doctor", "framework=lightning", HEADS_OFF]
+    proc = subprocess.run(cmd, cwd=workdir, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, output(proc)
+    assert "net.heads.1 (ranks 0, 1): net.heads.1.weight, net.heads.1.bias" in proc.stdout
+    assert "Recommended: ddp=ignore" in proc.stdout
