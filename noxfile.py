@@ -10,7 +10,7 @@ import os
 
 import nox
 
-nox.options.sessions = ["lint", "torch", "mmdet", "fastnlp", "nnunet", "lightning"]
+nox.options.sessions = ["lint", "torch", "mmdet", "fastnlp", "nnunet", "lightning", "huggingface"]
 nox.options.error_on_missing_interpreters = True
 
 # A CPU build of torch that lies on this project's machines' disk; any torch>=2.1 works elsewhere.
@@ -64,6 +64,15 @@ def lightning(session: nox.Session) -> None:
     """framework=lightning: PyTorch Lightning 2.6's Trainer with its DDPStrategy."""
     session.install(TORCH, "-e", ".[lightning,test]")
     session.run("pytest", "tests/test_lightning.py", *session.posargs, env={"ADAPTERS_REQUIRE": "lightning"})
+
+
+@nox.session
+def huggingface(session: nox.Session) -> None:
+    """framework=accelerate and framework=transformers: one environment (transformers' Trainer runs on accelerate).
+    transformers 5.x needs Python 3.11 or later."""
+    session.install(TORCH, "-e", ".[transformers,test]")
+    session.run("pytest", "tests/test_accelerate.py", "tests/test_transformers.py", *session.posargs,
+                env={"ADAPTERS_REQUIRE": "accelerate,transformers"})  # fmt: skip
 
 
 @nox.session(default=False)

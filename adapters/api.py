@@ -10,7 +10,10 @@ own object:
 * MMDetection: ``policy.apply_to_mmengine(cfg)`` on an mmengine ``Config`` before ``Runner.from_cfg(cfg)``;
 * nnU-Net: ``policy.nnunet_trainer(nnUNetTrainer)``, a subclass under the trainer's own name;
 * Lightning: ``Trainer(strategy=policy.lightning_strategy(), ...)``, Lightning's own ``DDPStrategy`` that also
-  runs the probe right before Lightning wraps the module, and names the parameters when DDP stops.
+  runs the probe right before Lightning wraps the module, and names the parameters when DDP stops;
+* Accelerate: ``Accelerator(cpu=..., kwargs_handlers=[policy.accelerate_kwargs_handler()])``, then
+  ``policy.check_accelerator(accelerator)`` refuses a run where Accelerate set up no DDP;
+* the Transformers Trainer: ``TrainingArguments(..., **policy.training_arguments())``.
 
 For ``ddp=auto`` and ``ddp=ignore`` the decision needs the run's model and batches: after
 ``init_process_group``, ``policy.prepare(module, batches, step)`` runs the probe on every rank (as ``train.py``
@@ -100,6 +103,34 @@ class Policy:
 
         return PolicyDDPStrategy(hooks=self, **{**self.native.settings["strategy"]["init_args"], **kwargs})
 
+    def accelerate_kwargs_handler(self, ddp_kwargs: dict[str, Any] | None = None) -> Any:
+        """``accelerate.DistributedDataParallelKwargs`` for the preset (or for ``ddp_kwargs``, such as what
+        ``prepare`` returned for auto). Imports Accelerate."""
+        self._expect("accelerate", "transformers")
+        from accelerate import DistributedDataParallelKwargs
+
+        from .frameworks.hf_parts import handler_kwargs
+
+        return DistributedDataParallelKwargs(**handler_kwargs(self.ddp_kwargs() if ddp_kwargs is None else ddp_kwargs))
+
+    def check_accelerator(self, accelerator: Any) -> None:
+        """Raise unless ``accelerator`` (or Accelerate's state) really runs DDP over every process of this job:
+        torchrun with a plain ``Accelerator()`` on a machine without a GPU trains each rank alone."""
+        import os
+
+        from .frameworks.hf_parts import check_distributed
+
+        state = getattr(accelerator, "state", accelerator)
+        check_distributed(state, int(os.environ.get("WORLD_SIZE", "1")), "Accelerate")
+
+    def training_arguments(self, ddp_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``TrainingArguments`` ddp_* fields for the preset (or ``ddp_kwargs``); ``ddp_find_unused_parameters`` is
+        always written (left unset, the Trainer turns the search on for every model)."""
+        self._expect("transformers")
+        from .frameworks.hf_parts import training_arguments
+
+        return training_arguments(self.ddp_kwargs() if ddp_kwargs is None else ddp_kwargs)
+
     # --- the engine, in a rank (after init_process_group) -------------------------------------------------
 
     @property
@@ -141,6 +172,7 @@ class Policy:
         """Every rank compares its parameters with rank 0's; raises on every rank if they differ."""
         self.engine.check_replicas(when)
 
-    def _expect(self, framework: str) -> None:
-        if self.framework != framework:
-            raise ConfigError(f"this Policy is for framework={self.framework}; create it with framework='{framework}'.")
+    def _expect(self, *frameworks: str) -> None:
+        if self.framework not in frameworks:
+            raise ConfigError(f"this Policy is for framework={self.framework}; create it with "
+                              f"framework='{frameworks[0]}'.")  # fmt: skip

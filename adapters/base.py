@@ -130,5 +130,9 @@ class Adapter(abc.ABC):
         """True where the framework insists on creating the process group itself (default: we create it)."""
         return False
 
+    def check_policy(self, policy: DDPPolicy) -> None:  # noqa: B027 - optional hook, not abstract
+        """Refuse, before launch and in ``explain``, a policy this framework has no setting for (default: every
+        policy fits). Pure, like ``translate``."""
+
     def validate(self, framework_cfg: Any) -> None:  # noqa: B027 - optional hook, not abstract
         """Checks of the checked ``framework`` node beyond its schema, run before launch (default: none)."""

@@ -352,6 +352,7 @@ def validate(cfg: DictConfig, *, for_run: bool = True, framework_checks: bool = 
     else:
         adapter = registry.load_adapter(name)
     framework_cfg = to_object(cfg.framework, adapter.schema, "framework")
+    adapter.check_policy(policy)
     if for_run and framework_checks:
         adapter.validate(framework_cfg)
     check_memory(memory, name, framework_cfg.batch_size if name == "torch" else None)

@@ -180,9 +180,9 @@ class TrustConfig:
         default_factory=lambda: ["adapters.", "torch.nn.", "torch.optim.", "torch.utils.data."]
     )
     # An mmdet config named by a shared source is a Python file mmengine executes, and a checkpoint it names
-    # (resume, framework.resume, framework.load_from, framework.resume_from, framework.ckpt_path) is unpickled
-    # when loaded: both are refused unless this is set on the command line (configs shipped with mmdet,
-    # mmdet::<path>, are allowed).
+    # (resume, framework.resume, framework.load_from, framework.resume_from, framework.ckpt_path,
+    # framework.resume_from_checkpoint) is unpickled when loaded: both are refused unless this is set on the
+    # command line (configs shipped with mmdet, mmdet::<path>, are allowed).
     allow_python_configs: bool = False
 
 

@@ -194,7 +194,14 @@ def _ours(result: Any) -> bool:
 
 # Keys that name a checkpoint to load (torch.load unpickles it): the run folder to resume, mmengine's resume and
 # load_from, fastNLP's resume_from.
-UNPICKLED = ("resume", "framework.resume", "framework.load_from", "framework.resume_from", "framework.ckpt_path")
+UNPICKLED = (
+    "resume",
+    "framework.resume",
+    "framework.load_from",
+    "framework.resume_from",
+    "framework.ckpt_path",
+    "framework.resume_from_checkpoint",
+)
 
 
 def check_shared_files(loaded: Sequence[tuple[Any, Any]], allow_python_configs: bool) -> None:

@@ -36,6 +36,15 @@ FRAMEWORKS = MappingProxyType(
                 "mmdet": Entry("adapters.frameworks.mmdet", "MMDetection", ("mmdet", "mmengine", "mmcv"), "mmdet"),
                 "fastnlp": Entry("adapters.frameworks.fastnlp", "fastNLP", ("fastNLP",), "fastnlp"),
                 "nnunet": Entry("adapters.frameworks.nnunet", "nnU-Net v2", ("nnunetv2",), "nnunet"),
+                "accelerate": Entry(
+                    "adapters.frameworks.accelerate", "Hugging Face Accelerate", ("accelerate",), "accelerate"
+                ),
+                "transformers": Entry(
+                    "adapters.frameworks.transformers",
+                    "the Hugging Face Transformers Trainer",
+                    ("transformers", "accelerate"),
+                    "transformers",
+                ),
                 "lightning": Entry("adapters.frameworks.lightning", "PyTorch Lightning", ("lightning",), "lightning"),
             }.items()
         )

@@ -31,12 +31,14 @@ def test_a_team_preset_becomes_each_framework_s_own_settings(team):
         Policy(overrides).apply_to_mmengine({})
 
 
-WHERE_DDP_KWARGS_GO = {
-    "torch": ("ddp_kwargs",),
-    "mmdet": ("model_wrapper_cfg",),
-    "fastnlp": ("outside_ddp_kwargs",),
-    "nnunet": ("ddp_kwargs",),
-    "lightning": ("strategy", "init_args"),
+WHERE_DDP_KWARGS_GO = {  # where the preset's bucket_cap_mb lands in each framework's own settings
+    "torch": ("ddp_kwargs", "bucket_cap_mb"),
+    "mmdet": ("model_wrapper_cfg", "bucket_cap_mb"),
+    "fastnlp": ("outside_ddp_kwargs", "bucket_cap_mb"),
+    "nnunet": ("ddp_kwargs", "bucket_cap_mb"),
+    "lightning": ("strategy", "init_args", "bucket_cap_mb"),
+    "accelerate": ("kwargs_handlers", "DistributedDataParallelKwargs", "bucket_cap_mb"),
+    "transformers": ("TrainingArguments", "ddp_bucket_cap_mb"),
 }
 
 
@@ -50,10 +52,10 @@ def test_one_team_preset_drives_every_framework(framework):
     assert sorted(WHERE_DDP_KWARGS_GO) == sorted(registry.FRAMEWORKS), "every framework is in this test"
     shown = json.loads(explain([f"framework={framework}", *TEAM_PRESET], as_json=True))
     assert shown["policy"]["unused_params"] == "auto" and shown["policy"]["probe_steps"] == 3
-    settings = shown["settings"]
+    value = shown["settings"]
     for key in WHERE_DDP_KWARGS_GO[framework]:
-        settings = settings[key]
-    assert settings["bucket_cap_mb"] == 50, shown["settings"]
+        value = value[key]
+    assert value == 50, shown["settings"]
 
 
 def test_a_shared_preset_cannot_run_code_through_the_library_either(team):

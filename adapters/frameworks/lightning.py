@@ -203,12 +203,11 @@ def _quiet_lightning() -> None:
     second console handler of its own; tqdm's lock a thread lock (its default, a multiprocessing lock, is never
     released by a rank that ends with os._exit: a "leaked semaphore" warning at the end of every run)."""
     import logging
-    import threading
     import warnings
 
-    from tqdm import tqdm
+    from .hf_parts import thread_lock_for_tqdm
 
-    tqdm.set_lock(threading.RLock())
+    thread_lock_for_tqdm()
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         logger.handlers.clear()

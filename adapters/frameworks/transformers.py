@@ -1,0 +1,233 @@
+"""framework=transformers: the Hugging Face Transformers ``Trainer``, the policy in ``TrainingArguments.ddp_*``.
+
+The Trainer builds its own DDP handler from four fields: ``ddp_find_unused_parameters``, ``ddp_static_graph``,
+``ddp_bucket_cap_mb`` and ``ddp_broadcast_buffers`` (Accelerate-level DDP settings are not used). Left unset,
+``ddp_find_unused_parameters`` becomes True for every model unless activation checkpointing is on: the search
+after every forward is paid by default. Here it is always written: False unless the policy asks for the search.
+
+The demo is a small BERT for masked-language modelling built from a config (random weights, no download), with
+its output layer tied to the word embeddings; ``framework.pooler=true`` keeps an encoder pooler the loss never
+uses. For auto and ignore the probe runs on the model before ``Trainer.train()`` wraps it (torch's ignore list
+set on the model is what the Trainer's DDP reads), tied parameters listed under every name they have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from ..base import Adapter, WorkerContext
+from ..building import check_target
+from ..errors import ConfigError, close_matches
+from ..native import MemorySettings, Setting, Translation
+from ..policy import Backend, DDPPolicy, MemoryPolicy, out_of_range
+from .hf_parts import TRAINING_ARGUMENTS, dataclass_fields, handler_kwargs, refuse_unsupported, training_arguments
+
+DEMO_MODEL = "adapters.frameworks.hf_parts.tiny_bert"
+DEMO_DATA = "adapters.frameworks.hf_parts.SyntheticMLM"
+# TrainingArguments fields the run decides itself, and where they come from instead.
+OWNED = {
+    **{name: "the DDP policy (ddp=..., ddp.*) decides it" for name in TRAINING_ARGUMENTS.values()},
+    "use_cpu": "launcher.backend decides it (gloo: CPU)",
+    "ddp_backend": "launcher.backend decides it",
+    "output_dir": "every run writes to its own run folder (<run folder>/trainer)",
+    "max_steps": "use framework.max_steps",
+    "per_device_train_batch_size": "use framework.batch_size (or memory.batch_size)",
+    "learning_rate": "use framework.lr",
+    "seed": "use framework.seed",
+    "logging_steps": "use framework.log_every",
+    "bf16": "use memory.amp",
+    "fp16": "use memory.amp",
+}
+
+
+@dataclass
+class TransformersConfig:
+    """The ``framework`` node for framework=transformers."""
+
+    name: str = "transformers"
+    # Optimizer steps (TrainingArguments(max_steps=...)).
+    max_steps: int = 20
+    # Samples per process per step (per_device_train_batch_size).
+    batch_size: int = 8
+    lr: float = 5e-4
+    seed: int = 0
+    # The Trainer logs loss every this many steps (logging_steps); rank 0 adds throughput.
+    log_every: int = 5
+    # Handed to the model's constructor when it takes ``pooler`` and the model node does not set it: the demo then
+    # keeps an encoder pooler its masked-LM loss never uses (parameters that get no gradient).
+    pooler: bool = False
+    # The model (a PreTrainedModel or any torch module returning a loss): ``_target_`` plus its arguments.
+    model: Dict[str, Any] = field(default_factory=lambda: {"_target_": DEMO_MODEL})
+    # The training dataset (items are dicts the data collator stacks): ``_target_`` plus its arguments.
+    data: Dict[str, Any] = field(default_factory=lambda: {"_target_": DEMO_DATA})
+    # More TrainingArguments fields, plain values (warmup_steps, weight_decay, save_steps, ...).
+    args: Dict[str, Any] = field(default_factory=dict)
+    # Trainer.train(resume_from_checkpoint=...): a checkpoint-N folder the Trainer wrote.
+    resume_from_checkpoint: Optional[str] = None
+
+
+class TransformersAdapter(Adapter):
+    name = "transformers"
+    schema = TransformersConfig
+
+    def _translate(self, kwargs: dict[str, Any], policy: DDPPolicy, backend: Backend) -> Translation:
+        fields = {**training_arguments(kwargs), **_device_arguments(backend)}
+        snippet = f"TrainingArguments(..., {', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+        notes = (
+            "The Trainer builds its own DDP handler from these ddp_* fields; Accelerate-level DDP settings are not "
+            "used. Left unset, ddp_find_unused_parameters becomes True for every model (unless activation "
+            "checkpointing is on), paid in every step: it is always written here.",
+        )
+        return Translation({"TrainingArguments": fields}, snippet, notes)
+
+    def check_policy(self, policy: DDPPolicy) -> None:
+        refuse_unsupported(policy, self.name, tuple(TRAINING_ARGUMENTS), "TrainingArguments (ddp_* fields)")
+
+    def memory_settings(self, memory: MemoryPolicy, fw: TransformersConfig, *, backend: Backend,
+                        world_size: int) -> MemorySettings:  # fmt: skip
+        out = [Setting("TrainingArguments.per_device_train_batch_size", memory.batch_size or fw.batch_size)]
+        if memory.num_workers is not None:
+            out.append(Setting("TrainingArguments.dataloader_num_workers", memory.num_workers))
+        if memory.pin_memory is not None:
+            out.append(Setting("TrainingArguments.dataloader_pin_memory", memory.pin_memory))
+        if memory.amp is not None:
+            name = "TrainingArguments.fp16" if backend is Backend.nccl else "TrainingArguments.bf16"
+            out.append(Setting(name, memory.amp))
+        return MemorySettings(tuple(out))
+
+    def explain_framework(self, fw: TransformersConfig) -> list[str]:
+        extra = "".join(f", {k}={v!r}" for k, v in fw.args.items())
+        lines = [f"TrainingArguments(output_dir=<run folder>/trainer, max_steps={fw.max_steps}, "
+                 f"learning_rate={fw.lr}, logging_steps={fw.log_every}{extra})"]  # fmt: skip
+        if fw.resume_from_checkpoint:
+            lines.append(f"Trainer.train(resume_from_checkpoint={fw.resume_from_checkpoint!r})")
+        return lines
+
+    def validate(self, fw: TransformersConfig) -> None:
+        for key in ("max_steps", "batch_size", "log_every"):
+            if getattr(fw, key) < 1:
+                raise out_of_range(f"framework.{key}", getattr(fw, key), "it must be at least 1",
+                                   f"framework.{key}=1 or more")  # fmt: skip
+        if not fw.lr > 0:
+            raise out_of_range("framework.lr", fw.lr, "the learning rate must be above 0", "framework.lr=5e-4")
+        known = dataclass_fields("transformers", "training_args.py", "TrainingArguments")
+        for key, value in fw.args.items():
+            if key in OWNED:
+                raise ConfigError(f"framework.args.{key}: {OWNED[key]}.\nFix: remove it (~framework.args.{key}).")
+            if known and key not in known:
+                near = close_matches(key, known)
+                hint = f" Did you mean {', '.join(near)}?" if near else ""
+                raise ConfigError(
+                    f"framework.args.{key}: TrainingArguments has no field '{key}'.{hint}\n"
+                    f"Fix: remove it (~framework.args.{key}) or spell one of TrainingArguments' own fields."
+                )
+            if isinstance(value, dict) and "_target_" in value:
+                raise ConfigError(f"framework.args.{key}: takes plain values, not objects to build (_target_).")
+        for key, demo in (("model", DEMO_MODEL), ("data", DEMO_DATA)):
+            node = dict(getattr(fw, key))
+            if node.get("_target_") != demo:  # the built-in ones exist (and would import transformers here)
+                check_target(f"framework.{key}", node, demo)
+        if fw.resume_from_checkpoint is not None:
+            folder = Path(fw.resume_from_checkpoint).expanduser()
+            if not (folder / "trainer_state.json").is_file():
+                raise ConfigError(
+                    f"framework.resume_from_checkpoint={fw.resume_from_checkpoint}: not a checkpoint the Trainer "
+                    "wrote (no trainer_state.json there).\nFix: a folder such as <run folder>/trainer/checkpoint-20."
+                )
+
+    def run(self, ctx: WorkerContext) -> dict[str, Any]:
+        import torch
+        from torch.utils.data import DataLoader
+
+        from ..building import build, cycle
+        from .hf_parts import set_rank_environment
+
+        set_rank_environment(ctx)
+        from transformers import Trainer, TrainingArguments, default_data_collator
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_default_handler()  # through the rank's own logging: rank 0's console, every rank's log
+        hf_logging.enable_propagation()
+        fw = ctx.framework
+        memory = ctx.memory_applied
+        torch.manual_seed(fw.seed)
+        model = build("framework.model", fw.model, pooler=fw.pooler).to(ctx.device)
+        data = build("framework.data", fw.data)
+        batch_size = memory["TrainingArguments.per_device_train_batch_size"]
+
+        def probe_step(batch: dict) -> None:
+            _loss(model(**{k: v.to(ctx.device) for k, v in batch.items()})).backward()
+
+        probe_batches = cycle(DataLoader(data, batch_size=batch_size, shuffle=True, collate_fn=default_data_collator))
+        decided = ctx.resolve_unused_params(model, probe_batches, probe_step) or {}
+        native = dict(ctx.native.settings["TrainingArguments"])
+        native.update({TRAINING_ARGUMENTS[k]: v for k, v in handler_kwargs(decided).items()})
+        extra = {
+            item.name.removeprefix("TrainingArguments."): item.value for item in memory.items if not item.unchanged
+        }
+        args = TrainingArguments(
+            output_dir=str(ctx.run_dir / "trainer"), max_steps=fw.max_steps, learning_rate=fw.lr, seed=fw.seed,
+            logging_steps=fw.log_every, report_to="none", disable_tqdm=not ctx.is_main,
+            **{**extra, **native, **dict(fw.args)},
+        )  # fmt: skip
+        callback = _PolicyCallback(ctx, batch_size)
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+        callback.trainer = trainer
+        resume = None if fw.resume_from_checkpoint is None else str(Path(fw.resume_from_checkpoint).expanduser())
+        if resume:
+            ctx.log.info("continuing the Trainer's checkpoint %s (framework.resume_from_checkpoint)", resume)
+        result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(str(ctx.run_dir / "model"))  # rank 0 writes: from_pretrained(<run folder>/model)
+        return {"steps": trainer.state.global_step, "loss": round(result.training_loss, 4)}
+
+
+def _device_arguments(backend: Backend) -> dict[str, Any]:
+    return {"ddp_backend": backend.name} if backend is Backend.nccl else {"use_cpu": True, "ddp_backend": "gloo"}
+
+
+def _loss(output: Any) -> Any:
+    from ..loop import loss_of
+
+    return loss_of(output)
+
+
+class _PolicyCallback:
+    """Hands the Trainer's DDP wrapper to the engine when training begins (refusing a run without one), stops
+    strict after the first backward, and logs step, loss and throughput from rank 0."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:  # a TrainerCallback, defined once transformers is imported
+        from transformers import TrainerCallback
+
+        class PolicyCallback(TrainerCallback):
+            def __init__(self, ctx: WorkerContext, batch_size: int) -> None:
+                self.ctx, self.batch_size, self.trainer = ctx, batch_size, None
+                self.started = 0.0
+
+            def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                import time
+
+                from .hf_parts import check_distributed, check_wrapped
+
+                check_distributed(self.trainer.accelerator.state, self.ctx.world_size, "The Trainer's Accelerate")
+                check_wrapped(self.trainer.model_wrapped, self.ctx.world_size, "The Trainer")
+                self.ctx.track_ddp(self.trainer.model_wrapped)
+                self.started = time.perf_counter()
+
+            def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                self.ctx.first_step_done()
+
+            def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+                import time
+
+                if self.ctx.is_main and logs and "loss" in logs:
+                    seen = state.global_step * self.batch_size * self.ctx.world_size
+                    rate = seen / max(time.perf_counter() - self.started, 1e-9)
+                    self.ctx.log.info("step %d/%d | loss %.4f | %.0f samples/s", state.global_step, state.max_steps,
+                                      logs["loss"], rate)  # fmt: skip
+
+        return PolicyCallback(*args, **kwargs)
+
+
+ADAPTER = TransformersAdapter()
