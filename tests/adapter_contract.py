@@ -76,7 +76,7 @@ class AdapterContract:
             "from adapters.policy import Backend; "
             f"c = validate(compose(['framework={self.name}', 'ddp=safe']), for_run=False); "
             f"registry.load_adapter('{self.name}').translate(c.policy, backend=Backend.gloo); "
-            "heavy = ('mmengine', 'mmdet', 'mmcv', 'fastNLP', 'nnunetv2', 'lightning'); "
+            "heavy = ('mmengine', 'mmdet', 'mmcv', 'fastNLP', 'nnunetv2', 'lightning', 'accelerate', 'transformers'); "
             "print(sorted(m for m in heavy if m in sys.modules))"
         )
         out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)

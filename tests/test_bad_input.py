@@ -21,7 +21,10 @@ BROKEN_YAML = "# @package _global_\nddp:\n  unused_params: [find\n"
 # (command line, words the message must contain: the key first, then the range or choices, and the fix)
 CASES = [
     # framework
-    (["framework=keras"], ["framework=keras", "Available: fastnlp, lightning, mmdet, nnunet, torch", "Fix:"]),
+    (
+        ["framework=keras"],
+        ["framework=keras", "Available: accelerate, fastnlp, lightning, mmdet, nnunet, torch, transformers", "Fix:"],
+    ),
     (["framework.steps=many"], ["framework.steps=many", "takes a whole number", "Fix: framework.steps="]),
     (["framework.steps=0"], ["framework.steps=0", "at least 1", "Fix: framework.steps=1"]),
     (["framework.batch_size=0"], ["framework.batch_size=0", "at least 1", "Fix:"]),
@@ -174,6 +177,8 @@ def test_bad_input_through_a_real_process(workdir, args, words):
         ("fastnlp", "fastNLP", "fastnlp"),
         ("nnunet", "nnunetv2", "nnunet"),
         ("lightning", "lightning", "lightning"),
+        ("accelerate", "accelerate", "accelerate"),
+        ("transformers", "transformers", "transformers"),
     ],
 )
 def test_framework_not_installed_says_what_to_install(cli, framework, module, extra):

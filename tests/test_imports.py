@@ -1,4 +1,4 @@
-"""The core and framework=torch never import mmengine, mmdet, fastNLP, nnU-Net or Lightning.
+"""The core and framework=torch never import mmengine, mmdet, fastNLP, nnU-Net, Lightning, Accelerate or transformers.
 
 Tripwire packages with those names are put first on the path, so an accidental import would succeed
 and be recorded (in an environment without the frameworks, a plain sys.modules check could never fail).
@@ -13,7 +13,7 @@ import pytest
 
 from conftest import ENV, TRAIN
 
-HEAVY = ("mmengine", "mmdet", "mmcv", "fastNLP", "nnunetv2", "lightning")
+HEAVY = ("mmengine", "mmdet", "mmcv", "fastNLP", "nnunetv2", "lightning", "accelerate", "transformers")
 
 
 @pytest.fixture
