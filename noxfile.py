@@ -90,7 +90,7 @@ def bench(session: nox.Session) -> None:
     session.install(TORCH, "-e", ".")
     session.run("python", "benchmarks/ddp_policies.py", *session.posargs)
     session.run("python", "benchmarks/vs_handwritten.py")
-    for name in ("bench-fastnlp", "bench-nnunet", "bench-mmdet"):
+    for name in ("bench-fastnlp", "bench-nnunet", "bench-mmdet", "bench-transformers"):
         session.notify(name, posargs=[])  # their own defaults
 
 
@@ -119,3 +119,10 @@ def bench_nnunet(session: nox.Session) -> None:
     """framework=nnunet against nnU-Net's own trainer run directly, side by side."""
     session.install("torch==2.14.1", "torchvision==0.29.1", "-e", ".[nnunet]")
     _bench_native(session, "nnunet")
+
+
+@nox.session(name="bench-transformers", default=False)
+def bench_transformers(session: nox.Session) -> None:
+    """framework=transformers against the Trainer with its own DDP default, side by side."""
+    session.install(TORCH, "-e", ".[transformers]")
+    _bench_native(session, "transformers")

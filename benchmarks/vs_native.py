@@ -14,7 +14,10 @@ For every framework the same model, data, schedule and DDP setting run twice per
     (the gloo group created first: mmengine's own ``init_dist`` calls ``torch.cuda.set_device`` and fails
     without a GPU);
   - nnU-Net: nnU-Net's own ``nnUNetTrainer`` with the least a CPU run needs (nnU-Net hard-codes
-    ``device_ids=[local_rank]``, which a CPU module refuses) and the setting passed to its ``DDP(...)``.
+    ``device_ids=[local_rank]``, which a CPU module refuses) and the setting passed to its ``DDP(...)``;
+  - the Transformers Trainer: ``Trainer(model, TrainingArguments(use_cpu=True, ddp_backend="gloo", ...))``,
+    the DDP fields as given or, for the default, left unset (the Trainer then searches for unused
+    parameters in every step).
 
 Every run gets two fresh rank processes (nothing carries over between runs), so start-up is left out of the
 rate: each figure is the steady training rate, from the start of the framework's second training step to
@@ -22,9 +25,10 @@ the start of its last (stamped in the framework's own step function, the same on
 saw it. The ratio ours / native is taken per round (pairs cancel drift) and reported as median and
 quartiles.
 
-    python benchmarks/vs_native.py --framework fastnlp|mmdet|nnunet [--rounds 5]
+    python benchmarks/vs_native.py --framework fastnlp|mmdet|nnunet|transformers [--rounds 5]
 
-Run it in the framework's environment: ``python3 -m nox -s bench-fastnlp`` (and bench-mmdet, bench-nnunet).
+Run it in the framework's environment: ``python3 -m nox -s bench-fastnlp`` (and bench-mmdet, bench-nnunet,
+bench-transformers).
 """
 
 from __future__ import annotations
@@ -64,6 +68,12 @@ SETUPS: dict[str, tuple[list[str], list[tuple[str, str, dict]]]] = {
         [("same setting: find_unused_parameters=True", "safe", {"find_unused_parameters": True}),
          ("ddp=auto against the usual fix, find_unused_parameters=True", "auto", {"find_unused_parameters": True})],
     ),
+    "transformers": (
+        ["framework=transformers", "framework.pooler=true", "framework.max_steps=60", "framework.log_every=1000",
+         "+framework.args.save_strategy=no"],
+        [("same setting: ddp_find_unused_parameters=True", "safe", {"ddp_find_unused_parameters": True}),
+         ("ddp=auto against the Trainer's default (for this model: find_unused_parameters=True)", "auto", {})],
+    ),
 }  # fmt: skip
 
 
@@ -80,6 +90,10 @@ def _stamp_steps(framework: str, stamps: list[float]) -> None:
         from mmengine.runner import IterBasedTrainLoop as owner
 
         name = "run_iter"
+    elif framework == "transformers":
+        from transformers import Trainer as owner
+
+        name = "training_step"
     else:
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer as owner
 
@@ -208,7 +222,25 @@ def _native_nnunet(rank: int, world: int, job: dict, run_dir: str) -> None:
     trainer.run_training()
 
 
-NATIVE = {"fastnlp": _native_fastnlp, "mmdet": _native_mmdet, "nnunet": _native_nnunet}
+def _native_transformers(rank: int, world: int, job: dict, run_dir: str) -> None:
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from adapters.frameworks.hf_parts import SyntheticMLM, tiny_bert
+
+    fw = job["cfg"]["framework"]
+    _group(rank, world)
+    torch.manual_seed(fw["seed"])
+    model = tiny_bert(pooler=fw["pooler"])
+    args = TrainingArguments(output_dir=str(Path(run_dir) / "native"), max_steps=fw["max_steps"],
+                             per_device_train_batch_size=fw["batch_size"], learning_rate=fw["lr"], seed=fw["seed"],
+                             logging_steps=fw["log_every"], report_to="none", use_cpu=True, ddp_backend="gloo",
+                             disable_tqdm=True, **fw["args"], **job["native"])  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=SyntheticMLM()).train()
+
+
+NATIVE = {"fastnlp": _native_fastnlp, "mmdet": _native_mmdet, "nnunet": _native_nnunet,
+          "transformers": _native_transformers}  # fmt: skip
 
 
 def _rank(rank: int, world: int, port: int, n: int, side: str, job: dict, run_dir: str, queue) -> None:

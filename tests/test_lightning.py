@@ -153,3 +153,19 @@ def test_doctor_names_the_unused_heads(workdir):
     assert proc.returncode == 0, output(proc)
     assert "net.heads.1 (ranks 0, 1): net.heads.1.weight, net.heads.1.bias" in proc.stdout
     assert "Recommended: ddp=ignore" in proc.stdout
+
+
+@lightning
+@pytest.mark.slow
+def test_a_hydra_sweep_runs_each_job_once(workdir):
+    # Lightning's own `ddp` strategy re-launches the script per rank, and under -m every rank re-runs the whole
+    # sweep (Hydra issue 2070). Here the ranks are ours: two jobs, two ranks each, the sweep launched once.
+    proc = train(workdir, "-m", "framework=lightning", "ddp=safe,static", "framework.max_steps=2",
+                 "+framework.trainer.enable_progress_bar=false")  # fmt: skip
+    assert proc.returncode == 0, output(proc)
+    assert output(proc).count("Launching 2 jobs locally") == 1
+    jobs = sorted(p for p in workdir.glob("multirun/*/*/*") if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]
+    for job, built in zip(jobs, ("find_unused_parameters=True", "static_graph=True"), strict=True):
+        assert sorted(p.name for p in job.glob("rank*.log")) == ["rank0.log", "rank1.log"]
+        assert built in (job / "rank1.log").read_text()

@@ -30,6 +30,12 @@ LOWMEM = {
                 "Trainer.fp16": "unchanged: fastNLP's fp16 needs CUDA"},
     "nnunet": {"plans batch_size (global)": 4, "nnUNet_n_proc_DA": 0, "augmenter pin_memory": False,
                "autocast": "unchanged: nnU-Net uses autocast on cuda and none on CPU"},
+    "lightning": {"DataModule.batch_size (per process)": 2, "DataModule.num_workers": 0,
+                  "DataModule.pin_memory": False, "Trainer.precision": "bf16-mixed"},
+    "accelerate": {"DataLoader.batch_size (per process)": 2, "DataLoader.num_workers": 0,
+                   "DataLoader.pin_memory": False, "Accelerator.mixed_precision": "bf16"},
+    "transformers": {"TrainingArguments.per_device_train_batch_size": 2, "TrainingArguments.dataloader_num_workers": 0,
+                     "TrainingArguments.dataloader_pin_memory": False, "TrainingArguments.bf16": True},
 }  # fmt: skip
 
 

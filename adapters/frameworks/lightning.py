@@ -100,15 +100,18 @@ class LightningAdapter(Adapter):
                         world_size: int) -> MemorySettings:  # fmt: skip
         if fw.data is None:  # the module's own train_dataloader
             own = "framework.data is null: the module's own train_dataloader decides"
-            wanted = [("DataModule.batch_size", memory.batch_size), ("DataModule.num_workers", memory.num_workers)]
+            wanted = [
+                ("DataModule.batch_size", memory.batch_size),
+                ("DataModule.num_workers", memory.num_workers),
+                ("DataModule.pin_memory", memory.pin_memory),
+            ]
             out = [Setting(name, value, unchanged=own) for name, value in wanted if value is not None]
         else:
             out = [Setting("DataModule.batch_size", memory.batch_size or fw.batch_size, note="per process")]
             if memory.num_workers is not None:
                 out.append(Setting("DataModule.num_workers", memory.num_workers))
-        if memory.pin_memory is not None:
-            out.append(Setting("DataLoader.pin_memory", memory.pin_memory, unchanged="the DataModule builds its "
-                               "DataLoader; set pin_memory there"))  # fmt: skip
+            if memory.pin_memory is not None:
+                out.append(Setting("DataModule.pin_memory", memory.pin_memory))
         if memory.amp is not None:
             precision = ("16-mixed" if backend is Backend.nccl else "bf16-mixed") if memory.amp else "32-true"
             out.append(Setting("Trainer.precision", precision))
@@ -174,8 +177,9 @@ class LightningAdapter(Adapter):
         data = None
         if fw.data is not None:
             offered = {"batch_size": memory["DataModule.batch_size"], "seed": fw.seed}
-            if memory.get("DataModule.num_workers") is not None:
-                offered["num_workers"] = memory["DataModule.num_workers"]
+            for key in ("num_workers", "pin_memory"):
+                if memory.get(f"DataModule.{key}") is not None:
+                    offered[key] = memory[f"DataModule.{key}"]
             data = build("framework.data", fw.data, **offered)
         per_node = World.detect().local_world_size if World.detect().starter == "torchrun" else ctx.world_size
         environment = RankEnvironment(ctx.rank, ctx.local_rank, ctx.world_size, per_node)

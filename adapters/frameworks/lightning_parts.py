@@ -225,14 +225,14 @@ class DemoData(pl.LightningDataModule):
     """Synthetic blobs to segment; Lightning adds the distributed sampler itself."""
 
     def __init__(self, batch_size: int = 16, size: int = 512, image_size: int = 32, num_workers: int = 0,
-                 seed: int = 0) -> None:  # fmt: skip
+                 pin_memory: bool = False, seed: int = 0) -> None:  # fmt: skip
         super().__init__()
         self.batch_size, self.size, self.image_size = batch_size, size, image_size
-        self.num_workers, self.seed = num_workers, seed
+        self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
 
     def setup(self, stage: str) -> None:
         self.train_set = SyntheticBlobs(self.size, self.image_size, seed=self.seed)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers)  # fmt: skip
+                          num_workers=self.num_workers, pin_memory=self.pin_memory)  # fmt: skip
