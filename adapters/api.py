@@ -118,10 +118,16 @@ class Policy:
         torchrun with a plain ``Accelerator()`` on a machine without a GPU trains each rank alone."""
         import os
 
+        import torch.distributed as dist
+
         from .frameworks.hf_parts import check_distributed
 
+        names = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_NTASKS")
+        world = max([int(os.environ[n]) for n in names if os.environ.get(n, "").isdigit()] or [1])
+        if dist.is_available() and dist.is_initialized():
+            world = max(world, dist.get_world_size())
         state = getattr(accelerator, "state", accelerator)
-        check_distributed(state, int(os.environ.get("WORLD_SIZE", "1")), "Accelerate")
+        check_distributed(state, world, "Accelerate")
 
     def training_arguments(self, ddp_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
         """``TrainingArguments`` ddp_* fields for the preset (or ``ddp_kwargs``); ``ddp_find_unused_parameters`` is

@@ -73,6 +73,15 @@ def build(path: str, node: dict[str, Any], **offered: Any) -> Any:
 
 
 def cycle(iterable: Any) -> Any:
-    """Batches without end (the probe may want more steps than one pass has)."""
+    """Batches without end (the probe may want more steps than one pass has). A pass that yields nothing (data
+    smaller than one batch, or sharded away) raises instead of looping for ever."""
     while True:
-        yield from iterable
+        empty = True
+        for item in iterable:
+            empty = False
+            yield item
+        if empty:
+            raise ConfigError(
+                "framework.data gives this rank no batch: fewer samples than one batch per process (after "
+                "drop_last and the split across processes).\nFix: more samples, or a smaller framework.batch_size."
+            )

@@ -111,3 +111,13 @@ def test_an_accelerator_that_set_up_no_ddp_is_refused(workdir):
     proc, _ = _own_script(workdir, "plain")
     assert proc.returncode != 0, output(proc)
     assert "Accelerate set itself up as DistributedType.NO with 1 process(es), not DDP over 2" in proc.stderr
+
+
+@accelerate
+@pytest.mark.slow
+def test_data_smaller_than_a_step_stops_with_a_message_not_a_hang(workdir):
+    # Accelerate shards whole batches across the ranks: with fewer than one per rank each gets none, and a loop
+    # that draws batches until it has one would wait for ever.
+    proc = train(workdir, "framework=accelerate", "+framework.data.size=8", "framework.batch_size=16", timeout=120)
+    assert proc.returncode == 1, output(proc)
+    assert "framework.data gives this rank no batch" in proc.stderr

@@ -131,6 +131,7 @@ def test_a_users_own_lightning_script_takes_the_strategy_from_the_team_preset(wo
     ("framework.model._target_=my_pkg.nowhere.Module", "framework.model._target_=my_pkg.nowhere.Module cannot be"),
     ("framework.ckpt_path=/nowhere/last.ckpt", "framework.ckpt_path=/nowhere/last.ckpt: no such file"),
     ("framework.max_steps=0", "framework.max_steps"),
+    ("+framework.trainer.log_every_n_steps=3", "framework.trainer.log_every_n_steps: use framework.log_every"),
     ("framework.ckpt_path=/x/epoch=0-step=6.ckpt", "Fix: quote the value, as one shell word: "
                                                    "'framework.ckpt_path=\"/x/epoch=0-step=6.ckpt\"'"),
 ])  # fmt: skip

@@ -47,6 +47,7 @@ def test_training_arguments_for_your_own_script():
     ("+framework.args.ddp_static_graph=true", "framework.args.ddp_static_graph: the DDP policy (ddp=..., ddp.*)"),
     ("ddp.gradient_as_bucket_view=true", "ddp.gradient_as_bucket_view: framework=transformers has no place for "
                                          "DDP's 'gradient_as_bucket_view'"),
+    ("+framework.args.report_to=wandb", "framework.args.report_to: the run reports to no tracker"),
     ("framework.resume_from_checkpoint=/nowhere", "not a checkpoint the Trainer wrote (no trainer_state.json"),
 ])  # fmt: skip
 def test_bad_options_name_the_key(workdir, override, words):

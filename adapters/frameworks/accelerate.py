@@ -20,7 +20,7 @@ from ..base import Adapter, WorkerContext
 from ..building import check_target
 from ..native import MemorySettings, Setting, Translation, call_args
 from ..policy import Backend, DDPPolicy, MemoryPolicy, out_of_range
-from .hf_parts import HANDLER_FIELDS, handler_kwargs, refuse_unsupported
+from .hf_parts import HANDLER_FIELDS, buffer_note, handler_kwargs, refuse_unsupported
 
 DEMO_MODEL = "adapters.demo.DeepSupervisionNet"
 DEMO_DATA = "adapters.demo.SyntheticBlobs"
@@ -67,7 +67,7 @@ class AccelerateAdapter(Adapter):
             "accelerate launch --cpu both train without DDP and exit 0.",
         )
         settings = {"cpu": cpu, "kwargs_handlers": {"DistributedDataParallelKwargs": handler}}
-        return Translation(settings, snippet, notes)
+        return Translation(settings, snippet, (*notes, *buffer_note(policy, "Accelerate's handler")))
 
     def check_policy(self, policy: DDPPolicy) -> None:
         refuse_unsupported(policy, self.name, HANDLER_FIELDS, "DistributedDataParallelKwargs")
@@ -100,7 +100,7 @@ class AccelerateAdapter(Adapter):
         from torch.utils.data import DataLoader
 
         from ..building import build, cycle
-        from .hf_parts import check_distributed, check_wrapped, set_rank_environment
+        from .hf_parts import check_distributed, check_wrapped, probe_loader, set_rank_environment
 
         set_rank_environment(ctx)
         from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -117,7 +117,8 @@ class AccelerateAdapter(Adapter):
         def probe_step(batch: dict) -> None:
             _loss(model(**{k: v.to(ctx.device) for k, v in batch.items()})).backward()
 
-        decided = ctx.resolve_unused_params(model, cycle(loader), probe_step) or {}
+        probe_batches = cycle(probe_loader(data, memory["DataLoader.batch_size"], ctx, fw.seed))
+        decided = ctx.resolve_unused_params(model, probe_batches, probe_step) or {}
         settings = ctx.native.settings
         handler = DistributedDataParallelKwargs(**{**settings["kwargs_handlers"]["DistributedDataParallelKwargs"],
                                                    **handler_kwargs(decided)})  # fmt: skip

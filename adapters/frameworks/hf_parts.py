@@ -42,6 +42,23 @@ def training_arguments(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def buffer_note(policy: DDPPolicy, where: str) -> tuple[str, ...]:
+    """ddp.broadcast_buffers=false means less here than with torch's own ``forward_sync_buffers=False``."""
+    if policy.broadcast_buffers is False:
+        return (f"ddp.broadcast_buffers=false reaches DDP as broadcast_buffers=False through {where}: buffers are "
+                "then not made equal across ranks even once, when DDP is built (torch 2.13's forward_sync_buffers="
+                "False, used by the other frameworks here, still does that once).",)  # fmt: skip
+    return ()
+
+
+def probe_loader(data: Any, batch_size: int, ctx: Any, seed: int, collate_fn: Any = None) -> Any:
+    """The probe's batches: this rank's share of the data, shuffled as a training run's first steps are."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(data, ctx.world_size, ctx.rank, shuffle=True, seed=seed, drop_last=True)
+    return DataLoader(data, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=collate_fn)
+
+
 def refuse_unsupported(policy: DDPPolicy, framework: str, supported: tuple[str, ...], where: str) -> None:
     """A DDP setting the framework has no place for is refused, naming it, the ones it has, and the way out."""
     from ..native import ddp_kwargs
@@ -65,15 +82,22 @@ def thread_lock_for_tqdm() -> None:
     tqdm.set_lock(threading.RLock())
 
 
+def processes_per_node(world_size: int) -> int:
+    """Ranks on this machine: LOCAL_WORLD_SIZE, which every launcher here sets (the local one, torchrun, submitit
+    through World.adopt_submitit); the whole world where it is absent."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if per_node < 1 or world_size % per_node:
+        raise ConfigError(f"LOCAL_WORLD_SIZE={per_node} does not divide the {world_size} processes evenly across "
+                          "machines.\nFix: start the same number of processes on every machine.")  # fmt: skip
+    return per_node
+
+
 def set_rank_environment(ctx: Any) -> None:
     """The variables Accelerate reads to find this rank (it re-reads them on CPU and would otherwise see one
     process), and OMP_NUM_THREADS as this rank already runs (unset, Accelerate sets its own thread count)."""
     import torch
 
-    from ..world import World
-
-    here = World.detect()
-    per_node = here.local_world_size if here.starter == "torchrun" else ctx.world_size
+    per_node = processes_per_node(ctx.world_size)
     os.environ.update({"RANK": str(ctx.rank), "WORLD_SIZE": str(ctx.world_size), "LOCAL_RANK": str(ctx.local_rank),
                        "LOCAL_WORLD_SIZE": str(per_node)})  # fmt: skip
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -39,6 +39,9 @@ OWNED = {
     "default_root_dir": "every run writes to its own run folder",
     "max_steps": "use framework.max_steps",
     "precision": "use memory.amp (bf16-mixed on CPU, 16-mixed on GPU)",
+    "log_every_n_steps": "use framework.log_every",
+    "logger": "the run logs to <run folder>/lightning_logs (CSV); build the Trainer in your own script for another",
+    "callbacks": "the run adds its own; build the Trainer in your own script for more",
 }
 
 
@@ -166,7 +169,7 @@ class LightningAdapter(Adapter):
         from lightning.pytorch.loggers import CSVLogger
 
         from ..building import build
-        from ..world import World
+        from .hf_parts import processes_per_node
         from .lightning_parts import PolicyDDPStrategy, ProgressLog, RankEnvironment
 
         _quiet_lightning()
@@ -181,7 +184,7 @@ class LightningAdapter(Adapter):
                 if memory.get(f"DataModule.{key}") is not None:
                     offered[key] = memory[f"DataModule.{key}"]
             data = build("framework.data", fw.data, **offered)
-        per_node = World.detect().local_world_size if World.detect().starter == "torchrun" else ctx.world_size
+        per_node = processes_per_node(ctx.world_size)
         environment = RankEnvironment(ctx.rank, ctx.local_rank, ctx.world_size, per_node)
         settings = ctx.native.settings
         strategy = PolicyDDPStrategy(hooks=ctx, cluster_environment=environment, **settings["strategy"]["init_args"])

@@ -14,7 +14,10 @@ by ``explain`` or the launcher.
 * ``post_backward``: after the first backward, strict stops at step 1 with the parameters named.
 * ``on_exception``: Lightning replaces DDP's "Expected to have finished reduction" text with a hint of its own
   and drops the parameter indices; here DDP's own text stays, with the parameters' names and the fix added.
-* ``teardown``: Lightning unwraps the module at the end; the replica check runs on the DDP wrapper before that.
+
+(The probe's batches are the run's first ones from the loader Lightning would use, not yet split across the
+ranks: Lightning adds its distributed sampler later. A branch unused only on some ranks' data is caught by DDP
+itself or by the guard, not by the probe.)
 """
 
 from __future__ import annotations
@@ -98,9 +101,10 @@ def _probe_batches(strategy: PolicyDDPStrategy) -> Any:
         loader = trainer.datamodule.train_dataloader()
     else:
         loader = strategy.lightning_module.train_dataloader()
-    while True:
-        for batch in loader:
-            yield strategy.batch_to_device(batch)
+    from ..building import cycle
+
+    for batch in cycle(loader):
+        yield strategy.batch_to_device(batch)
 
 
 def _probe_step(strategy: PolicyDDPStrategy, module: pl.LightningModule) -> Any:
@@ -154,9 +158,11 @@ class ProgressLog(pl.Callback):
         self.samples += len(first) * trainer.world_size
         step = trainer.global_step
         if trainer.is_global_zero and (step % self.every == 0 or step == self.total):
-            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            # manual optimization returns {}; a training_step may return None (the step skipped)
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            shown = "n/a" if loss is None else f"{float(loss):.4f}"
             rate = self.samples / max(time.perf_counter() - self.started, 1e-9)
-            self.out.info("step %d/%d loss %.4f (%.0f samples/s)", step, self.total, float(loss), rate)
+            self.out.info("step %d/%d loss %s (%.0f samples/s)", step, self.total, shown, rate)
 
 
 class RankEnvironment(ClusterEnvironment):

@@ -22,7 +22,14 @@ from ..building import check_target
 from ..errors import ConfigError, close_matches
 from ..native import MemorySettings, Setting, Translation
 from ..policy import Backend, DDPPolicy, MemoryPolicy, out_of_range
-from .hf_parts import TRAINING_ARGUMENTS, dataclass_fields, handler_kwargs, refuse_unsupported, training_arguments
+from .hf_parts import (
+    TRAINING_ARGUMENTS,
+    buffer_note,
+    dataclass_fields,
+    handler_kwargs,
+    refuse_unsupported,
+    training_arguments,
+)
 
 DEMO_MODEL = "adapters.frameworks.hf_parts.tiny_bert"
 DEMO_DATA = "adapters.frameworks.hf_parts.SyntheticMLM"
@@ -39,6 +46,8 @@ OWNED = {
     "logging_steps": "use framework.log_every",
     "bf16": "use memory.amp",
     "fp16": "use memory.amp",
+    "report_to": "the run reports to no tracker (report_to='none'); build the Trainer in your own script for one",
+    "disable_tqdm": "the progress bar shows on rank 0 only",
 }
 
 
@@ -80,7 +89,7 @@ class TransformersAdapter(Adapter):
             "used. Left unset, ddp_find_unused_parameters becomes True for every model (unless activation "
             "checkpointing is on), paid in every step: it is always written here.",
         )
-        return Translation({"TrainingArguments": fields}, snippet, notes)
+        return Translation({"TrainingArguments": fields}, snippet, (*notes, *buffer_note(policy, "the Trainer")))
 
     def check_policy(self, policy: DDPPolicy) -> None:
         refuse_unsupported(policy, self.name, tuple(TRAINING_ARGUMENTS), "TrainingArguments (ddp_* fields)")
@@ -139,10 +148,9 @@ class TransformersAdapter(Adapter):
 
     def run(self, ctx: WorkerContext) -> dict[str, Any]:
         import torch
-        from torch.utils.data import DataLoader
 
         from ..building import build, cycle
-        from .hf_parts import set_rank_environment
+        from .hf_parts import probe_loader, set_rank_environment
 
         set_rank_environment(ctx)
         from transformers import Trainer, TrainingArguments, default_data_collator
@@ -160,7 +168,7 @@ class TransformersAdapter(Adapter):
         def probe_step(batch: dict) -> None:
             _loss(model(**{k: v.to(ctx.device) for k, v in batch.items()})).backward()
 
-        probe_batches = cycle(DataLoader(data, batch_size=batch_size, shuffle=True, collate_fn=default_data_collator))
+        probe_batches = cycle(probe_loader(data, batch_size, ctx, fw.seed, default_data_collator))
         decided = ctx.resolve_unused_params(model, probe_batches, probe_step) or {}
         native = dict(ctx.native.settings["TrainingArguments"])
         native.update({TRAINING_ARGUMENTS[k]: v for k, v in handler_kwargs(decided).items()})
