@@ -85,3 +85,43 @@ def cycle(iterable: Any) -> Any:
                 "framework.data gives this rank no batch: fewer samples than one batch per process (after "
                 "drop_last and the split across processes).\nFix: more samples, or a smaller framework.batch_size."
             )
+
+
+def names_in_source(package: str, relative: str, cls: str, method: str | None = None) -> list[str]:
+    """Argument names of ``cls.method`` (or, without ``method``, the annotated fields of dataclass ``cls``) in
+    ``<package's folder>/<relative>``, read from the source file without importing the library (an import takes
+    seconds, and ``explain`` imports no framework); empty where it is not installed."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return []
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    try:
+        tree = ast.parse((Path(list(spec.submodule_search_locations)[0]) / relative).read_text())
+    except (OSError, SyntaxError):
+        return []
+    for node in tree.body:
+        if not (isinstance(node, ast.ClassDef) and node.name == cls):
+            continue
+        if method is None:
+            return [item.target.id for item in node.body
+                    if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)]  # fmt: skip
+        for item in node.body:
+            if isinstance(item, ast.FunctionDef) and item.name == method:
+                args = item.args
+                return [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs) if a.arg != "self"]
+    return []
+
+
+def refuse_objects(path: str, values: dict[str, Any], fix: str) -> None:
+    """Keyword arguments passed as they are take plain values: a ``_target_`` anywhere in one is refused."""
+    from .presets import _targets
+
+    for where, _ in _targets(values, path):
+        raise ConfigError(f"{where.rpartition('.')[0]}: takes plain values; objects to build (_target_) are not "
+                          f"built here.\nFix: {fix}")  # fmt: skip

@@ -7,7 +7,7 @@ its defaults. Two traps it sets on a machine without a GPU, both refused here: `
 ``DistributedType.NO``: two unsynchronised trainings that exit 0.
 
 The model and data are any callables named by ``_target_`` under framework=torch's contract (dict batches;
-``model(**batch)`` returns the loss, a dict with ``"loss"``, or a Hugging Face output with ``.loss``). For auto and
+``model(**batch)`` returns the loss or a dict with ``"loss"``, which a Hugging Face output is). For auto and
 ignore the probe runs on the model before ``accelerator.prepare`` wraps it, so the ignore list applies.
 """
 
@@ -100,6 +100,7 @@ class AccelerateAdapter(Adapter):
         from torch.utils.data import DataLoader
 
         from ..building import build, cycle
+        from ..loop import loss_of
         from .hf_parts import check_distributed, check_wrapped, probe_loader, set_rank_environment
 
         set_rank_environment(ctx)
@@ -115,7 +116,7 @@ class AccelerateAdapter(Adapter):
                             pin_memory=memory.get("DataLoader.pin_memory", False))  # fmt: skip
 
         def probe_step(batch: dict) -> None:
-            _loss(model(**{k: v.to(ctx.device) for k, v in batch.items()})).backward()
+            loss_of(model(**{k: v.to(ctx.device) for k, v in batch.items()})).backward()
 
         probe_batches = cycle(probe_loader(data, memory["DataLoader.batch_size"], ctx, fw.seed))
         decided = ctx.resolve_unused_params(model, probe_batches, probe_step) or {}
@@ -136,7 +137,7 @@ class AccelerateAdapter(Adapter):
             for _ in range(fw.gradient_accumulation_steps):
                 batch = next(batches)
                 with accelerator.accumulate(wrapped):
-                    loss = _loss(wrapped(**batch))
+                    loss = loss_of(wrapped(**batch))
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         ctx.first_step_done()
@@ -147,15 +148,6 @@ class AccelerateAdapter(Adapter):
                 rate = samples / max(time.perf_counter() - started, 1e-9)
                 ctx.log.info("step %d/%d | loss %.4f | %.0f samples/s", step, fw.steps, loss.item(), rate)
         return {"steps": fw.steps, "loss": round(loss.item(), 4)}
-
-
-def _loss(output: Any) -> Any:
-    """The loss of a model's output: a tensor, a dict with "loss", or a Hugging Face output with ``.loss``."""
-    from ..loop import loss_of
-
-    if hasattr(output, "loss") and not isinstance(output, dict) and output.loss is not None:
-        return output.loss
-    return loss_of(output)
 
 
 ADAPTER = AccelerateAdapter()

@@ -172,27 +172,3 @@ class SyntheticMLM:
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {"input_ids": self.inputs[index], "attention_mask": self.inputs[index].new_ones(self.inputs.shape[1]),
                 "labels": self.labels[index]}  # fmt: skip
-
-
-def dataclass_fields(module: str, relative: str, cls: str) -> list[str]:
-    """The annotated fields of dataclass ``cls`` in ``<module's folder>/<relative>``, read from the source file
-    without importing the library (an import takes seconds); empty where it is not installed."""
-    import ast
-    import importlib.util
-    from pathlib import Path
-
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return []
-    if spec is None or not spec.submodule_search_locations:
-        return []
-    try:
-        tree = ast.parse((Path(list(spec.submodule_search_locations)[0]) / relative).read_text())
-    except (OSError, SyntaxError):
-        return []
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == cls:
-            return [item.target.id for item in node.body
-                    if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)]  # fmt: skip
-    return []

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ..base import Adapter, WorkerContext
-from ..building import check_target
+from ..building import check_target, names_in_source, refuse_objects
 from ..errors import ConfigError, close_matches
 from ..native import MemorySettings, Setting, Translation
 from ..policy import Backend, DDPPolicy, MemoryPolicy, UnusedParams, out_of_range
@@ -134,16 +134,12 @@ class LightningAdapter(Adapter):
                                    f"framework.{key}=1 or more")  # fmt: skip
         if not fw.lr > 0:
             raise out_of_range("framework.lr", fw.lr, "the learning rate must be above 0", "framework.lr=0.05")
-        for key, value in fw.trainer.items():
+        for key in fw.trainer:
             if key in OWNED:
                 raise ConfigError(f"framework.trainer.{key}: {OWNED[key]}.\nFix: remove it (~framework.trainer.{key}).")
-            if _has_target(value):
-                raise ConfigError(
-                    f"framework.trainer.{key}: takes plain values; objects to build (_target_) are not passed "
-                    "to the Trainer.\nFix: remove it, or build the Trainer in your own script with "
-                    "adapters.api.Policy(...).lightning_strategy()."
-                )
-        known = trainer_arguments()
+        refuse_objects("framework.trainer", dict(fw.trainer), "remove it, or build the Trainer in your own script "
+                       "with adapters.api.Policy(...).lightning_strategy().")  # fmt: skip
+        known = names_in_source("lightning", "pytorch/trainer/trainer.py", "Trainer", "__init__")
         unknown = [k for k in fw.trainer if known and k not in known]
         if unknown:
             near = close_matches(unknown[0], known)
@@ -221,40 +217,6 @@ def _quiet_lightning() -> None:
         logger.propagate = True
     # lightning 2.6 on torch 2.13: a deprecation inside Lightning's own code, once per rank, nothing to act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-
-
-def trainer_arguments() -> list[str]:
-    """``lightning.Trainer.__init__``'s argument names, read from its source file without importing Lightning
-    (an import takes seconds); empty where Lightning is not installed."""
-    import ast
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec("lightning")
-    except (ImportError, ValueError):
-        return []
-    if spec is None or not spec.submodule_search_locations:
-        return []
-    source = Path(list(spec.submodule_search_locations)[0]) / "pytorch" / "trainer" / "trainer.py"
-    try:
-        tree = ast.parse(source.read_text())
-    except (OSError, SyntaxError):
-        return []
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "Trainer":
-            for item in node.body:
-                if isinstance(item, ast.FunctionDef) and item.name == "__init__":
-                    args = item.args
-                    return [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs) if a.arg != "self"]
-    return []
-
-
-def _has_target(value: Any) -> bool:
-    if isinstance(value, dict):
-        return "_target_" in value or any(_has_target(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_has_target(v) for v in value)
-    return False
 
 
 def _yaml(value: Any) -> str:

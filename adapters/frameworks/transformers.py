@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ..base import Adapter, WorkerContext
-from ..building import check_target
+from ..building import check_target, names_in_source, refuse_objects
 from ..errors import ConfigError, close_matches
 from ..native import MemorySettings, Setting, Translation
 from ..policy import Backend, DDPPolicy, MemoryPolicy, out_of_range
 from .hf_parts import (
     TRAINING_ARGUMENTS,
     buffer_note,
-    dataclass_fields,
     handler_kwargs,
     refuse_unsupported,
     training_arguments,
@@ -121,8 +120,10 @@ class TransformersAdapter(Adapter):
                                    f"framework.{key}=1 or more")  # fmt: skip
         if not fw.lr > 0:
             raise out_of_range("framework.lr", fw.lr, "the learning rate must be above 0", "framework.lr=5e-4")
-        known = dataclass_fields("transformers", "training_args.py", "TrainingArguments")
-        for key, value in fw.args.items():
+        refuse_objects("framework.args", dict(fw.args), "remove it, or build TrainingArguments in your own script "
+                       "with adapters.api.Policy(...).training_arguments().")  # fmt: skip
+        known = names_in_source("transformers", "training_args.py", "TrainingArguments")
+        for key in fw.args:
             if key in OWNED:
                 raise ConfigError(f"framework.args.{key}: {OWNED[key]}.\nFix: remove it (~framework.args.{key}).")
             if known and key not in known:
@@ -132,8 +133,6 @@ class TransformersAdapter(Adapter):
                     f"framework.args.{key}: TrainingArguments has no field '{key}'.{hint}\n"
                     f"Fix: remove it (~framework.args.{key}) or spell one of TrainingArguments' own fields."
                 )
-            if isinstance(value, dict) and "_target_" in value:
-                raise ConfigError(f"framework.args.{key}: takes plain values, not objects to build (_target_).")
         for key, demo in (("model", DEMO_MODEL), ("data", DEMO_DATA)):
             node = dict(getattr(fw, key))
             if node.get("_target_") != demo:  # the built-in ones exist (and would import transformers here)
@@ -150,6 +149,7 @@ class TransformersAdapter(Adapter):
         import torch
 
         from ..building import build, cycle
+        from ..loop import loss_of
         from .hf_parts import probe_loader, set_rank_environment
 
         set_rank_environment(ctx)
@@ -166,7 +166,7 @@ class TransformersAdapter(Adapter):
         batch_size = memory["TrainingArguments.per_device_train_batch_size"]
 
         def probe_step(batch: dict) -> None:
-            _loss(model(**{k: v.to(ctx.device) for k, v in batch.items()})).backward()
+            loss_of(model(**{k: v.to(ctx.device) for k, v in batch.items()})).backward()
 
         probe_batches = cycle(probe_loader(data, batch_size, ctx, fw.seed, default_data_collator))
         decided = ctx.resolve_unused_params(model, probe_batches, probe_step) or {}
@@ -180,9 +180,10 @@ class TransformersAdapter(Adapter):
             logging_steps=fw.log_every, report_to="none", disable_tqdm=not ctx.is_main,
             **{**extra, **native, **dict(fw.args)},
         )  # fmt: skip
-        callback = _PolicyCallback(ctx, batch_size)
-        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
-        callback.trainer = trainer
+        built: list[Any] = []
+        trainer = Trainer(model=model, args=args, train_dataset=data,
+                          callbacks=[_policy_callback(ctx, batch_size, lambda: built[0])])  # fmt: skip
+        built.append(trainer)
         resume = None if fw.resume_from_checkpoint is None else str(Path(fw.resume_from_checkpoint).expanduser())
         if resume:
             ctx.log.info("continuing the Trainer's checkpoint %s (framework.resume_from_checkpoint)", resume)
@@ -195,47 +196,36 @@ def _device_arguments(backend: Backend) -> dict[str, Any]:
     return {"ddp_backend": backend.name} if backend is Backend.nccl else {"use_cpu": True, "ddp_backend": "gloo"}
 
 
-def _loss(output: Any) -> Any:
-    from ..loop import loss_of
+def _policy_callback(ctx: WorkerContext, batch_size: int, trainer_of: Any) -> Any:
+    """A TrainerCallback (transformers imported here) that hands the Trainer's DDP wrapper to the engine when
+    training begins (refusing a run without one), stops strict after the first backward, and logs step, loss and
+    throughput from rank 0. ``trainer_of()``: the Trainer, built after its callbacks."""
+    import time
 
-    return loss_of(output)
+    from transformers import TrainerCallback
 
+    from .hf_parts import check_distributed, check_wrapped
 
-class _PolicyCallback:
-    """Hands the Trainer's DDP wrapper to the engine when training begins (refusing a run without one), stops
-    strict after the first backward, and logs step, loss and throughput from rank 0."""
+    class PolicyCallback(TrainerCallback):
+        started = 0.0
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:  # a TrainerCallback, defined once transformers is imported
-        from transformers import TrainerCallback
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            trainer = trainer_of()
+            check_distributed(trainer.accelerator.state, ctx.world_size, "The Trainer's Accelerate")
+            check_wrapped(trainer.model_wrapped, ctx.world_size, "The Trainer")
+            ctx.track_ddp(trainer.model_wrapped)
+            self.started = time.perf_counter()
 
-        class PolicyCallback(TrainerCallback):
-            def __init__(self, ctx: WorkerContext, batch_size: int) -> None:
-                self.ctx, self.batch_size, self.trainer = ctx, batch_size, None
-                self.started = 0.0
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            ctx.first_step_done()
 
-            def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-                import time
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            if ctx.is_main and logs and "loss" in logs:
+                rate = state.global_step * batch_size * ctx.world_size / max(time.perf_counter() - self.started, 1e-9)
+                ctx.log.info("step %d/%d | loss %.4f | %.0f samples/s", state.global_step, state.max_steps,
+                             logs["loss"], rate)  # fmt: skip
 
-                from .hf_parts import check_distributed, check_wrapped
-
-                check_distributed(self.trainer.accelerator.state, self.ctx.world_size, "The Trainer's Accelerate")
-                check_wrapped(self.trainer.model_wrapped, self.ctx.world_size, "The Trainer")
-                self.ctx.track_ddp(self.trainer.model_wrapped)
-                self.started = time.perf_counter()
-
-            def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-                self.ctx.first_step_done()
-
-            def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-                import time
-
-                if self.ctx.is_main and logs and "loss" in logs:
-                    seen = state.global_step * self.batch_size * self.ctx.world_size
-                    rate = seen / max(time.perf_counter() - self.started, 1e-9)
-                    self.ctx.log.info("step %d/%d | loss %.4f | %.0f samples/s", state.global_step, state.max_steps,
-                                      logs["loss"], rate)  # fmt: skip
-
-        return PolicyCallback(*args, **kwargs)
+    return PolicyCallback()
 
 
 ADAPTER = TransformersAdapter()
