@@ -1,12 +1,17 @@
 """Test sessions, one environment per framework.
 
-`python3 -m nox` runs the default sessions (lint, torch). Each framework gets its own environment:
-fastNLP pins rich==11.2.0, which mmengine cannot use, so they never share one.
+`python3 -m nox` runs the default sessions (lint, torch and one per framework). Each framework gets its own
+environment: fastNLP pins rich==11.2.0, which mmengine cannot use, so they never share one.
+
+Each framework session removes its environment when it ends (nox recreates it on the next run anyway), so the
+whole command needs the disk of its largest environment, not of all seven: nnU-Net's alone is about 6.5 GB.
+`nox -r` (reuse the environments) keeps them.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import nox
 
@@ -15,6 +20,26 @@ nox.options.error_on_missing_interpreters = True
 
 # A CPU build of torch that lies on this project's machines' disk; any torch>=2.1 works elsewhere.
 TORCH = os.environ.get("ADAPTERS_TORCH", "torch==2.13.0")
+# torchvision (nnU-Net imports it through timm) lies on the disk for torch 2.14.1 only, as a CUDA build.
+TORCH_VISION = ("torch==2.14.1", "torchvision==0.29.1")
+
+
+def _need_disk(session: nox.Session, gib: float) -> None:
+    """Stop at once, with the figures, where the environment cannot fit (not halfway through pip)."""
+    where = os.path.dirname(session.virtualenv.location)
+    free = shutil.disk_usage(where).free / 2**30
+    if free < gib:
+        session.error(
+            f"this session's environment needs about {gib:.0f} GiB of disk; {free:.1f} GiB free at {where}. "
+            "Fix: free disk there (old .nox environments, pip's cache: pip cache purge), then run it again"
+        )
+
+
+def _release(session: nox.Session) -> None:
+    """Remove the environment once the session is done with it, unless environments are being reused."""
+    env = session.virtualenv
+    if not getattr(env, "reuse_existing", False) and os.path.isdir(env.location):
+        shutil.rmtree(env.location, ignore_errors=True)
 
 
 @nox.session
@@ -28,8 +53,12 @@ def lint(session: nox.Session) -> None:
 @nox.session(name="torch")
 def torch_(session: nox.Session) -> None:
     """The core and framework=torch: real DDP, several processes, gloo on CPU (nccl where GPUs are)."""
-    session.install(TORCH, "-e", ".[test]")
-    session.run("pytest", "--durations=20", *session.posargs)  # the slowest tests, to keep the session lean
+    _need_disk(session, 3)
+    try:
+        session.install(TORCH, "-e", ".[test]")
+        session.run("pytest", "--durations=20", *session.posargs)  # the slowest tests, to keep the session lean
+    finally:
+        _release(session)
 
 
 @nox.session
@@ -39,40 +68,60 @@ def mmdet(session: nox.Session) -> None:
     No prebuilt mmcv wheel is reachable: the first build takes about 20 minutes on 2 cores; pip caches the
     wheel, so later sessions install it in seconds. setuptools<81: mmcv's build imports pkg_resources.
     """
-    session.install(TORCH, "setuptools<81", "wheel", "numpy")
-    session.install("--no-build-isolation", "mmcv==2.1.0", env={"MMCV_WITH_OPS": "1", "FORCE_CUDA": "0"})
-    session.install("-e", ".[mmdet,test]")
-    session.run("pytest", "tests/test_mmdet.py", *session.posargs, env={"ADAPTERS_REQUIRE": "mmdet"})
+    _need_disk(session, 4)
+    try:
+        session.install(TORCH, "setuptools<81", "wheel", "numpy")
+        session.install("--no-build-isolation", "mmcv==2.1.0", env={"MMCV_WITH_OPS": "1", "FORCE_CUDA": "0"})
+        session.install("-e", ".[mmdet,test]")
+        session.run("pytest", "tests/test_mmdet.py", *session.posargs, env={"ADAPTERS_REQUIRE": "mmdet"})
+    finally:
+        _release(session)
 
 
 @nox.session
 def fastnlp(session: nox.Session) -> None:
     """framework=fastnlp: fastNLP 1.0.1 (pins rich==11.2.0, so never in the mmdet environment)."""
-    session.install(TORCH, "-e", ".[fastnlp,test]")
-    session.run("pytest", "tests/test_fastnlp.py", *session.posargs, env={"ADAPTERS_REQUIRE": "fastnlp"})
+    _need_disk(session, 3)
+    try:
+        session.install(TORCH, "-e", ".[fastnlp,test]")
+        session.run("pytest", "tests/test_fastnlp.py", *session.posargs, env={"ADAPTERS_REQUIRE": "fastnlp"})
+    finally:
+        _release(session)
 
 
 @nox.session
 def nnunet(session: nox.Session) -> None:
     """framework=nnunet: nnU-Net v2.8 (needs torchvision through timm: torch 2.14.1 + torchvision 0.29.1)."""
-    session.install("torch==2.14.1", "torchvision==0.29.1", "-e", ".[nnunet,test]")
-    session.run("pytest", "tests/test_nnunet.py", *session.posargs, env={"ADAPTERS_REQUIRE": "nnunet"})
+    _need_disk(session, 9)
+    try:
+        session.install(*TORCH_VISION, "-e", ".[nnunet,test]")
+        session.run("pytest", "tests/test_nnunet.py", *session.posargs, env={"ADAPTERS_REQUIRE": "nnunet"})
+    finally:
+        _release(session)
 
 
 @nox.session
 def lightning(session: nox.Session) -> None:
     """framework=lightning: PyTorch Lightning 2.6's Trainer with its DDPStrategy."""
-    session.install(TORCH, "-e", ".[lightning,test]")
-    session.run("pytest", "tests/test_lightning.py", *session.posargs, env={"ADAPTERS_REQUIRE": "lightning"})
+    _need_disk(session, 3)
+    try:
+        session.install(TORCH, "-e", ".[lightning,test]")
+        session.run("pytest", "tests/test_lightning.py", *session.posargs, env={"ADAPTERS_REQUIRE": "lightning"})
+    finally:
+        _release(session)
 
 
 @nox.session
 def huggingface(session: nox.Session) -> None:
     """framework=accelerate and framework=transformers: one environment (transformers' Trainer runs on accelerate).
     transformers 5.x needs Python 3.11 or later."""
-    session.install(TORCH, "-e", ".[transformers,test]")
-    session.run("pytest", "tests/test_accelerate.py", "tests/test_transformers.py", *session.posargs,
-                env={"ADAPTERS_REQUIRE": "accelerate,transformers"})  # fmt: skip
+    _need_disk(session, 3)
+    try:
+        session.install(TORCH, "-e", ".[transformers,test]")
+        session.run("pytest", "tests/test_accelerate.py", "tests/test_transformers.py", *session.posargs,
+                    env={"ADAPTERS_REQUIRE": "accelerate,transformers"})  # fmt: skip
+    finally:
+        _release(session)
 
 
 @nox.session(default=False)
@@ -117,7 +166,7 @@ def bench_mmdet(session: nox.Session) -> None:
 @nox.session(name="bench-nnunet", default=False)
 def bench_nnunet(session: nox.Session) -> None:
     """framework=nnunet against nnU-Net's own trainer run directly, side by side."""
-    session.install("torch==2.14.1", "torchvision==0.29.1", "-e", ".[nnunet]")
+    session.install(*TORCH_VISION, "-e", ".[nnunet]")
     _bench_native(session, "nnunet")
 
 
