@@ -270,8 +270,10 @@ def format_failure(diagnoses: list[Diagnosis], *, context: str = "") -> str:
         if kind in _OURS:
             continue
         if kind == "error":
-            lines.append(f"\nThe original error (rank {first.rank}):")
-            lines.extend("  " + line for line in (first.traceback or first.original).rstrip().splitlines())
+            text = (first.traceback or first.original).rstrip()
+            if text:  # a process killed outright left none
+                lines.append(f"\nThe original error (rank {first.rank}):")
+                lines.extend("  " + line for line in text.splitlines())
         else:
             whose = "torch's original error" if kind in _FROM_DDP else "The original error"
             lines.append(f"\n{whose} (rank {first.rank}):")

@@ -46,6 +46,7 @@ def test_root_cause_before_consequence():
     text = format_failure([lost, dead])
     assert text.startswith("rank 1 failed: the process died with signal SIGKILL")
     assert "(rank 0 then lost the connection to it: a consequence, not a cause.)" in text
+    assert "The original error" not in text, "a process killed outright left no error to show"
 
 
 def test_ready_twice_points_at_checkpointing():

@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from adapters.policy import Backend
 
 from adapter_contract import AdapterContract
-from conftest import REPO, TEAM_PRESET, output, requires, run, run_dirs, train
+from conftest import (
+    ENV,
+    REPO,
+    TEAM_PRESET,
+    TRAIN,
+    alive,
+    descendants,
+    output,
+    requires,
+    run,
+    run_dirs,
+    train,
+    wait_gone,
+)
 
 lightning = requires("lightning")
 STRATEGY = "lightning.pytorch.strategies.DDPStrategy"
@@ -147,8 +163,6 @@ def test_bad_options_name_the_key(workdir, override, words):
 @lightning
 @pytest.mark.slow
 def test_doctor_names_the_unused_heads(workdir):
-    from conftest import ENV
-
     cmd = [sys.executable, "-m", "adapters", "doctor", "framework=lightning", HEADS_OFF]
     proc = subprocess.run(cmd, cwd=workdir, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, output(proc)
@@ -170,3 +184,53 @@ def test_a_hydra_sweep_runs_each_job_once(workdir):
     for job, built in zip(jobs, ("find_unused_parameters=True", "static_graph=True"), strict=True):
         assert sorted(p.name for p in job.glob("rank*.log")) == ["rank0.log", "rank1.log"]
         assert built in (job / "rank1.log").read_text()
+
+
+@lightning
+@pytest.mark.slow
+def test_a_rank_killed_outright_stops_the_run_and_every_process(workdir):
+    # Rank 1's process is killed at step 3 (no exception, no Lightning handler): rank 0, waiting in DDP's
+    # all-reduce, must not hang, and nothing may be left running.
+    started = time.monotonic()
+    proc = train(workdir, "framework=lightning", "ddp=safe", "framework.max_steps=100",
+                 "framework.model._target_=my_pkg.lightning_models.KilledOnOneRank")  # fmt: skip
+    assert proc.returncode == 1, output(proc)
+    assert "error: rank 1 failed: the process died with signal SIGKILL" in proc.stderr, proc.stderr
+    # Rank 0's error inside Lightning's fit (gloo's lost connection) is told as what followed, not as a cause.
+    assert "(rank 0 then lost the connection to it: a consequence, not a cause.)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert time.monotonic() - started < 120, "bounded, not ddp.timeout_s"
+    log = (run_dirs(workdir)[0] / "rank0.log").read_text()
+    assert "step 100/100" not in log, "rank 0 did not train on alone"
+
+
+@lightning
+@pytest.mark.slow
+def test_sigterm_to_train_py_during_lightning_s_fit_leaves_no_process(workdir):
+    # Lightning installs its own SIGTERM handler in each rank; the launcher's stop must still end them all.
+    cmd = [sys.executable, str(TRAIN), "framework=lightning", "ddp=safe", "framework.max_steps=100000",
+           "framework.log_every=1", "+framework.trainer.enable_progress_bar=false"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=workdir, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            logs = list(workdir.glob("outputs/*/*/rank0.log"))
+            if logs and "step 2/100000" in logs[0].read_text():
+                break
+            time.sleep(0.3)
+        assert proc.poll() is None, "".join(proc.communicate())
+        below = descendants(proc.pid)
+        assert len(below) >= 2, "the ranks run"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signal.SIGTERM, out + err
+        assert not wait_gone(below), f"processes left after SIGTERM: {alive(below)}"
+        assert "Traceback" not in err, err
+        folder = run_dirs(workdir)[0].relative_to(workdir)
+        assert [line for line in err.splitlines() if line.strip()][-1] == (
+            f"interrupted (SIGTERM): ranks stopped, logs in {folder}"
+        ), err
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

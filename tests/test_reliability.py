@@ -13,41 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ENV, TRAIN, _parents, assert_replicas_equal, output, run_dirs, train
+from conftest import ENV, TRAIN, alive, assert_replicas_equal, descendants, output, run_dirs, train, wait_gone
 
 pytestmark = pytest.mark.slow
 SHORT = ["framework.steps=4", "framework.log_every=2", "framework.checkpoint_every=2"]
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (Linux /proc)."""
-    parents = _parents()
-    found, frontier = [], [pid]
-    while frontier:
-        children = [p for p, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
-
-
-def alive(pids: list[int]) -> list[int]:
-    """The pids that still run (zombies, whose parent has not reaped them yet, count as gone)."""
-    out = []
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            out.append(pid)
-    return out
-
-
-def wait_gone(pids: list[int], within: float = 10.0) -> list[int]:
-    deadline = time.monotonic() + within
-    while alive(pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return alive(pids)
 
 
 def test_runs_started_in_the_same_second_each_get_their_own_folder(workdir):
