@@ -139,7 +139,7 @@ def bench(session: nox.Session) -> None:
     session.install(TORCH, "-e", ".")
     session.run("python", "benchmarks/ddp_policies.py", *session.posargs)
     session.run("python", "benchmarks/vs_handwritten.py")
-    for name in ("bench-fastnlp", "bench-nnunet", "bench-mmdet", "bench-transformers"):
+    for name in ("bench-fastnlp", "bench-nnunet", "bench-mmdet", "bench-lightning", "bench-transformers"):
         session.notify(name, posargs=[])  # their own defaults
 
 
@@ -168,6 +168,13 @@ def bench_nnunet(session: nox.Session) -> None:
     """framework=nnunet against nnU-Net's own trainer run directly, side by side."""
     session.install(*TORCH_VISION, "-e", ".[nnunet]")
     _bench_native(session, "nnunet")
+
+
+@nox.session(name="bench-lightning", default=False)
+def bench_lightning(session: nox.Session) -> None:
+    """framework=lightning against Lightning's Trainer with strategy="ddp_find_unused_parameters_true"."""
+    session.install(TORCH, "-e", ".[lightning]")
+    _bench_native(session, "lightning")
 
 
 @nox.session(name="bench-transformers", default=False)

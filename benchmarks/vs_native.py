@@ -15,6 +15,9 @@ For every framework the same model, data, schedule and DDP setting run twice per
     without a GPU);
   - nnU-Net: nnU-Net's own ``nnUNetTrainer`` with the least a CPU run needs (nnU-Net hard-codes
     ``device_ids=[local_rank]``, which a CPU module refuses) and the setting passed to its ``DDP(...)``;
+  - PyTorch Lightning: ``Trainer(accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true")``
+    under torchrun's environment, the fix Lightning's own error message proposes for a module with parameters
+    that get no gradient (its default, ``strategy="ddp"``, stops at once on such a module);
   - the Transformers Trainer: ``Trainer(model, TrainingArguments(use_cpu=True, ddp_backend="gloo", ...))``,
     the DDP fields as given or, for the default, left unset (the Trainer then searches for unused
     parameters in every step).
@@ -25,10 +28,10 @@ the start of its last (stamped in the framework's own step function, the same on
 saw it. The ratio ours / native is taken per round (pairs cancel drift) and reported as median and
 quartiles.
 
-    python benchmarks/vs_native.py --framework fastnlp|mmdet|nnunet|transformers [--rounds 5]
+    python benchmarks/vs_native.py --framework fastnlp|mmdet|nnunet|lightning|transformers [--rounds 5]
 
 Run it in the framework's environment: ``python3 -m nox -s bench-fastnlp`` (and bench-mmdet, bench-nnunet,
-bench-transformers).
+bench-lightning, bench-transformers).
 """
 
 from __future__ import annotations
@@ -68,6 +71,13 @@ SETUPS: dict[str, tuple[list[str], list[tuple[str, str, dict]]]] = {
         [("same setting: find_unused_parameters=True", "safe", {"find_unused_parameters": True}),
          ("ddp=auto against the usual fix, find_unused_parameters=True", "auto", {"find_unused_parameters": True})],
     ),
+    "lightning": (
+        ["framework=lightning", "framework.deep_supervision=false", "framework.max_steps=60",
+         "framework.log_every=1000"],
+        [("same setting: find_unused_parameters=True", "safe", {"strategy": "ddp_find_unused_parameters_true"}),
+         ("ddp=auto against the usual fix, strategy='ddp_find_unused_parameters_true'", "auto",
+          {"strategy": "ddp_find_unused_parameters_true"})],
+    ),
     "transformers": (
         ["framework=transformers", "framework.pooler=true", "framework.max_steps=60", "framework.log_every=1000",
          "+framework.args.save_strategy=no"],
@@ -92,6 +102,10 @@ def _stamp_steps(framework: str, stamps: list[float]) -> None:
         name = "run_iter"
     elif framework == "transformers":
         from transformers import Trainer as owner
+
+        name = "training_step"
+    elif framework == "lightning":  # the demo module's own step, which Lightning calls on both sides
+        from adapters.frameworks.lightning_parts import DemoSegmenter as owner
 
         name = "training_step"
     else:
@@ -239,8 +253,25 @@ def _native_transformers(rank: int, world: int, job: dict, run_dir: str) -> None
     Trainer(model=model, args=args, train_dataset=SyntheticMLM()).train()
 
 
+def _native_lightning(rank: int, world: int, job: dict, run_dir: str) -> None:
+    import lightning.pytorch as pl
+    import torch
+
+    from adapters.frameworks.lightning_parts import DemoData, DemoSegmenter
+
+    fw = job["cfg"]["framework"]
+    _group(rank, world)  # Lightning finds the group created and uses it
+    os.environ["GROUP_RANK"] = "0"  # with RANK, LOCAL_RANK and LOCAL_WORLD_SIZE: torchrun's environment
+    torch.manual_seed(fw["seed"])
+    module = DemoSegmenter(deep_supervision=fw["deep_supervision"], lr=fw["lr"])
+    data = DemoData(batch_size=fw["batch_size"], seed=fw["seed"])
+    trainer = pl.Trainer(accelerator="cpu", devices=world, max_steps=fw["max_steps"], default_root_dir=run_dir,
+                         **job["native"])  # fmt: skip
+    trainer.fit(module, datamodule=data)
+
+
 NATIVE = {"fastnlp": _native_fastnlp, "mmdet": _native_mmdet, "nnunet": _native_nnunet,
-          "transformers": _native_transformers}  # fmt: skip
+          "lightning": _native_lightning, "transformers": _native_transformers}  # fmt: skip
 
 
 def _rank(rank: int, world: int, port: int, n: int, side: str, job: dict, run_dir: str, queue) -> None:
