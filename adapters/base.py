@@ -15,6 +15,7 @@ An adapter has two parts:
 from __future__ import annotations
 
 import abc
+import gc
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +80,18 @@ class WorkerContext:
 
     def track_ddp(self, model: Any) -> Any:
         """Hand over each DDP wrapper the framework builds (again when it replaces one): its errors become
-        parameter names, its settings are logged as built, its steps counted, what was left out guarded."""
+        parameter names, its settings are logged as built, its steps counted, what was left out guarded.
+
+        The first one marks the start of training in this rank's process, which runs this one training and
+        exits: what lives now (imports, the composed config, the framework's trainer, the model) is kept out of
+        the cyclic garbage collector's full passes. Their cost grows with the objects alive and falls on
+        whichever training step triggers one; a rank started here holds more objects than the framework's own
+        launch (Hydra, the config), and Lightning's small steps ran 7-14% slower for it. Garbage is collected
+        first. Not done for ``adapters.api.Policy`` in a user's own script, whose process may train again.
+        """
+        if self.engine.ddp_model is None:
+            gc.collect()
+            gc.freeze()
         return self.engine.track(model)
 
     def first_step_done(self) -> None:
