@@ -10,8 +10,10 @@ whole command needs the disk of its largest environment, not of all seven: nnU-N
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 
 import nox
 
@@ -35,11 +37,17 @@ def _need_disk(session: nox.Session, gib: float) -> None:
         )
 
 
-def _release(session: nox.Session) -> None:
-    """Remove the environment once the session is done with it, unless environments are being reused."""
-    env = session.virtualenv
-    if not getattr(env, "reuse_existing", False) and os.path.isdir(env.location):
-        shutil.rmtree(env.location, ignore_errors=True)
+@contextlib.contextmanager
+def _own_environment(session: nox.Session, gib: float) -> Iterator[None]:
+    """A framework session's environment: checked for disk first, removed when the session is done with it (pass
+    or fail), unless environments are being reused (`nox -r`)."""
+    _need_disk(session, gib)
+    try:
+        yield
+    finally:
+        env = session.virtualenv
+        if not getattr(env, "reuse_existing", False) and os.path.isdir(env.location):
+            shutil.rmtree(env.location, ignore_errors=True)
 
 
 @nox.session
@@ -53,12 +61,9 @@ def lint(session: nox.Session) -> None:
 @nox.session(name="torch")
 def torch_(session: nox.Session) -> None:
     """The core and framework=torch: real DDP, several processes, gloo on CPU (nccl where GPUs are)."""
-    _need_disk(session, 3)
-    try:
+    with _own_environment(session, 3):
         session.install(TORCH, "-e", ".[test]")
         session.run("pytest", "--durations=20", *session.posargs)  # the slowest tests, to keep the session lean
-    finally:
-        _release(session)
 
 
 @nox.session
@@ -68,60 +73,45 @@ def mmdet(session: nox.Session) -> None:
     No prebuilt mmcv wheel is reachable: the first build takes about 20 minutes on 2 cores; pip caches the
     wheel, so later sessions install it in seconds. setuptools<81: mmcv's build imports pkg_resources.
     """
-    _need_disk(session, 4)
-    try:
+    with _own_environment(session, 4):
         session.install(TORCH, "setuptools<81", "wheel", "numpy")
         session.install("--no-build-isolation", "mmcv==2.1.0", env={"MMCV_WITH_OPS": "1", "FORCE_CUDA": "0"})
         session.install("-e", ".[mmdet,test]")
         session.run("pytest", "tests/test_mmdet.py", *session.posargs, env={"ADAPTERS_REQUIRE": "mmdet"})
-    finally:
-        _release(session)
 
 
 @nox.session
 def fastnlp(session: nox.Session) -> None:
     """framework=fastnlp: fastNLP 1.0.1 (pins rich==11.2.0, so never in the mmdet environment)."""
-    _need_disk(session, 3)
-    try:
+    with _own_environment(session, 3):
         session.install(TORCH, "-e", ".[fastnlp,test]")
         session.run("pytest", "tests/test_fastnlp.py", *session.posargs, env={"ADAPTERS_REQUIRE": "fastnlp"})
-    finally:
-        _release(session)
 
 
 @nox.session
 def nnunet(session: nox.Session) -> None:
     """framework=nnunet: nnU-Net v2.8 (needs torchvision through timm: torch 2.14.1 + torchvision 0.29.1)."""
-    _need_disk(session, 9)
-    try:
+    with _own_environment(session, 9):
         session.install(*TORCH_VISION, "-e", ".[nnunet,test]")
         session.run("pytest", "tests/test_nnunet.py", *session.posargs, env={"ADAPTERS_REQUIRE": "nnunet"})
-    finally:
-        _release(session)
 
 
 @nox.session
 def lightning(session: nox.Session) -> None:
     """framework=lightning: PyTorch Lightning 2.6's Trainer with its DDPStrategy."""
-    _need_disk(session, 3)
-    try:
+    with _own_environment(session, 3):
         session.install(TORCH, "-e", ".[lightning,test]")
         session.run("pytest", "tests/test_lightning.py", *session.posargs, env={"ADAPTERS_REQUIRE": "lightning"})
-    finally:
-        _release(session)
 
 
 @nox.session
 def huggingface(session: nox.Session) -> None:
     """framework=accelerate and framework=transformers: one environment (transformers' Trainer runs on accelerate).
     transformers 5.x needs Python 3.11 or later."""
-    _need_disk(session, 3)
-    try:
+    with _own_environment(session, 3):
         session.install(TORCH, "-e", ".[transformers,test]")
         session.run("pytest", "tests/test_accelerate.py", "tests/test_transformers.py", *session.posargs,
                     env={"ADAPTERS_REQUIRE": "accelerate,transformers"})  # fmt: skip
-    finally:
-        _release(session)
 
 
 @nox.session(default=False)
