@@ -9,23 +9,26 @@ own object:
 * fastNLP: ``Trainer(..., **policy.fastnlp_trainer_kwargs())``;
 * MMDetection: ``policy.apply_to_mmengine(cfg)`` on an mmengine ``Config`` before ``Runner.from_cfg(cfg)``;
 * nnU-Net: ``policy.nnunet_trainer(nnUNetTrainer)``, a subclass under the trainer's own name;
-* Lightning: ``Trainer(strategy=policy.lightning_strategy(), ...)``, Lightning's own ``DDPStrategy`` that also
-  runs the probe right before Lightning wraps the module, and names the parameters when DDP stops;
+* Lightning: ``Trainer(strategy=policy.lightning_strategy(), ...)``, Lightning's own ``DDPStrategy`` that hands
+  the wrapper it builds to the engine, and names the parameters when DDP stops;
 * Accelerate: ``Accelerator(cpu=..., kwargs_handlers=[policy.accelerate_kwargs_handler()])``, then
   ``policy.check_accelerator(accelerator)`` refuses a run where Accelerate set up no DDP;
-* the Transformers Trainer: ``TrainingArguments(..., **policy.training_arguments())``.
+* the Transformers Trainer: ``TrainingArguments(..., **policy.training_arguments())``, then
+  ``policy.attach_to_trainer(trainer)``.
 
-For ``ddp=auto`` and ``ddp=ignore`` the decision needs the run's model and batches: after
-``init_process_group``, ``policy.prepare(module, batches, step)`` runs the probe on every rank (as ``train.py``
-does) and returns the DDP arguments it decided; ``policy.track(ddp_model)`` then adds the guard for parameters
-left out, and ``policy.check_replicas()`` compares every rank's parameters at the end. Nothing here imports a
-training framework until a framework's own method is called.
+Then, in every rank after ``init_process_group``, the engine does in the script what it does in ``train.py``:
+``policy.track(ddp_model)`` (or ``policy.wrap(model)``, which builds the wrapper) on the wrapper before its first
+forward applies the preset to it in place. ``ddp=auto`` decides from the script's own first steps, with nothing
+run beside them and nothing taken from its data loader; strict stops after the first backward that leaves a
+parameter unused, naming it; parameters left out of DDP are guarded. ``policy.finish()`` at the end compares every
+rank's parameters and removes the engine's hooks. Nothing here imports a training framework until a framework's
+own method is called.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 from .errors import ConfigError
 from .native import NativeSettings
@@ -152,27 +155,52 @@ class Policy:
                                   logging.getLogger("adapters"))  # fmt: skip
         return self._engine
 
-    def prepare(self, module: Any, batches: Iterator[Any], step: Callable[[Any], None], *,
-                can_ignore: bool = True) -> dict[str, Any]:  # fmt: skip
-        """On every rank, before DDP wraps ``module``: the DDP arguments to use, the preset's and what auto or
-        ignore decided from a probe of ``step`` (one forward and backward, no optimizer step) on ``batches``."""
-        return {**self.ddp_kwargs(), **(self.resolve_unused_params(module, batches, step, can_ignore=can_ignore)
-                                        or {})}  # fmt: skip
+    def wrap(self, model: Any, **kwargs: Any) -> Any:
+        """``DistributedDataParallel(model, device_ids=<this rank's GPU, or None on CPU>, **the preset's DDP arguments,
+        **kwargs)``, handed to the engine (``track``)."""
+        import torch
+        from torch.nn.parallel import DistributedDataParallel
 
-    def resolve_unused_params(self, module: Any, batches: Iterator[Any], step: Callable[[Any], None], *,
-                              can_ignore: bool = True) -> dict[str, Any] | None:  # fmt: skip
-        return self.engine.resolve(module, batches, step, can_ignore=can_ignore)
+        device_ids = None
+        if self.backend is Backend.nccl and torch.cuda.is_available():
+            device_ids = [torch.cuda.current_device()]
+        return self.track(DistributedDataParallel(model, device_ids=device_ids, **{**self.ddp_kwargs(), **kwargs}))
 
     def track(self, ddp_model: Any) -> Any:
-        """Hand over the DDP wrapper: parameters this policy left out of it are guarded, its settings logged."""
+        """Hand over the DDP wrapper before its first forward: the preset is applied to it in place (auto decides
+        from the first steps), its errors name the parameters, what is left out of it is guarded."""
         return self.engine.track(ddp_model)
 
-    track_ddp = track  # the name nnU-Net's trainer calls
+    track_ddp = track  # the name nnU-Net's trainer and Lightning's strategy call
+
+    def training_facts(self, *, accumulation: bool = False, manual_optimization: bool = False) -> None:
+        """Gradient accumulation, manual optimization: facts the failure messages' advice takes into account."""
+        self.engine.accumulation = accumulation
+        self.engine.manual_optimization = manual_optimization
 
     def first_step_done(self) -> None:
-        """After the first backward: strict stops at step 1 (nothing to do before a DDP wrapper was tracked)."""
-        if self._engine is not None:
-            self._engine.first_step_done()
+        """Kept for scripts that call it after the first backward: the engine's checks need no callback."""
+
+    def attach_to_trainer(self, trainer: Any) -> None:
+        """The Transformers ``Trainer``: its DDP wrapper, built inside ``train()``, goes to the engine when training
+        begins. Imports transformers."""
+        from transformers import TrainerCallback
+
+        policy = self
+
+        class TrackWrapper(TrainerCallback):
+            def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                policy.track(trainer.model_wrapped)
+
+        trainer.add_callback(TrackWrapper())
+
+    def finish(self) -> None:
+        """At the end, on every rank: compare the replicas (raises on every rank if they differ), say whether
+        find_unused_parameters found anything, and take the engine's hooks off the wrapper."""
+        if self._engine is None:
+            return
+        self._engine.after_run()
+        self._engine.release()
 
     def check_replicas(self, when: str = "at the end of the run") -> None:
         """Every rank compares its parameters with rank 0's; raises on every rank if they differ."""

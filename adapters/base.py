@@ -7,8 +7,8 @@ An adapter has two parts:
   why-lines) is done here once; each adapter adds only its own (``_translate``). It imports no framework, so
   ``python -m adapters explain`` can print it anywhere, and a table test can check every preset.
 * ``run(ctx)``: runs in every worker process after the process group exists; applies those settings to
-  the real framework and trains. It calls three hooks of ``ctx``: ``resolve_unused_params`` before DDP wraps
-  the module (auto and ignore), ``track_ddp`` with each DDP wrapper the framework builds, and
+  the real framework and trains. It calls two hooks of ``ctx``: ``track_ddp`` with each DDP wrapper the
+  framework builds, before its first forward (the engine applies the policy to it, in place), and
   ``first_step_done`` after the first backward (from the framework's own callback).
 """
 
@@ -19,7 +19,7 @@ import gc
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, ClassVar
 
 from .native import MemorySettings, NativeSettings, Translation, ddp_kwargs, debug_env, policy_notes
 from .policy import Backend, DDPPolicy, MemoryPolicy
@@ -68,33 +68,28 @@ class WorkerContext:
     def ddp_model(self, model: Any) -> None:
         self.engine.ddp_model = model
 
-    def resolve_unused_params(self, module: Any, batches: Iterator[Any], step: Callable[[Any], None], *,
-                              can_ignore: bool = True) -> dict[str, Any] | None:  # fmt: skip
-        """For auto, ignore and doctor: probe ``module`` (unwrapped) and prepare it for DDP.
-
-        Call it on every rank before DDP wraps ``module``, or before re-wrapping it. Returns the DDP keyword
-        arguments to add, or None when nothing changes (strict stays as it is: no re-wrap needed).
-        ``can_ignore=False`` where the framework wraps a different module than ``module``: ignore then
-        becomes static_graph=True, which also suits parameters unused in every step.
-        """
-        return self.engine.resolve(module, batches, step, can_ignore=can_ignore)
+    def training_facts(self, *, accumulation: bool = False, manual_optimization: bool = False) -> None:
+        """What the adapter knows about this run's training that DDP's wrapper cannot show before it fails: gradient
+        accumulation, manual optimization. The failure messages' advice takes them into account."""
+        self.engine.accumulation = accumulation
+        self.engine.manual_optimization = manual_optimization
 
     def track_ddp(self, model: Any) -> Any:
-        """Hand over each DDP wrapper the framework builds (again when it replaces one): its errors become
-        parameter names, its settings are logged as built, its steps counted, what was left out guarded."""
+        """Hand over each DDP wrapper the framework builds (again when it replaces one), before its first forward:
+        the policy is applied to it in place (auto decides from its first steps), its errors become parameter
+        names, its settings are logged as built, its steps counted, what was left out guarded."""
         return self.engine.track(model)
 
     def first_step_done(self) -> None:
-        """After the first backward, from the framework's own callback: strict stops now, not at step 2.
+        """After the first backward, from the framework's own callback.
 
-        Then, once, what lives (imports, the composed config, the framework's trainer, the model and its final
+        Once, what lives (imports, the composed config, the framework's trainer, the model and its final
         DDP wrapper) is kept out of the cyclic garbage collector's full passes. Their cost grows with the
         objects alive and falls on whichever training step triggers one; a rank started here holds more objects
         than the framework's own launch (Hydra, the config), and Lightning's small steps ran 7-14% slower for
         it. Garbage is collected first; this rank's process trains once and exits, and no wrapper is replaced
         after the first step. Not done for ``adapters.api.Policy`` in a user's own script, which may train again.
         """
-        self.engine.first_step_done()
         if not self._frozen:
             self._frozen = True
             gc.collect()

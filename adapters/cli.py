@@ -354,7 +354,8 @@ def explain(overrides: Sequence[str], as_json: bool = False) -> str:
 
 
 def doctor(overrides: Sequence[str]) -> str:
-    """Run only the probe, on every rank, and report what it found (no training)."""
+    """Run only the first ddp.probe_steps training steps, on every rank, and report which parameters got no gradient
+    (nothing is saved)."""
     from .config import compose, validate
     from .launch import launch
 
@@ -382,7 +383,11 @@ def module_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="e.g. hydra.searchpath=[file://path/to/team-presets]")
     sub.add_parser("nnunet-trainers", help="print the folder to put in nnUNet_extTrainer for nnUNetv2_train -tr "
                    "nnUNetTrainerPolicy")  # fmt: skip
-    p = sub.add_parser("doctor", help="run only the unused-parameter probe on every rank and report it")
+    p = sub.add_parser(
+        "doctor",
+        help="run only the first training steps (ddp.probe_steps) on every rank, report the "
+        "parameters that got no gradient",
+    )
     p.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
     args = parser.parse_args(argv)
     try:

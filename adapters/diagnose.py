@@ -45,10 +45,49 @@ class Diagnosis:
     unused: list[str] = field(default_factory=list)  # exact parameter names, DDP's order
     aliases: dict[str, list[str]] = field(default_factory=dict)  # tied parameters: other names
     traceback: str = ""
-    # What the run had decided, for the advice: the training step, and the probe behind ddp=auto / ignore.
+    # What the run knew, for the advice (adapters.advice.Facts): the training step, the preset, what ddp=auto's
+    # observed first steps chose, accumulation, reentrant checkpointing, manual optimization, requires_grad changes.
     step: int = 0
-    probe_steps: int = 0
-    probe_choice: str = ""
+    preset: str = ""
+    probe_steps: int = 2
+    chosen: str = ""
+    observed_steps: int = 0
+    changed: bool | None = None
+    accumulation: bool = False
+    reentrant: bool = False
+    manual_optimization: bool = False
+    frozen_since_build: list[str] = field(default_factory=list)
+
+
+class UnusedParametersError(RuntimeError):
+    """DDP's "Expected to have finished reduction" error, raised by the engine before DDP would raise it, with the
+    parameters' names and the fixes that hold (a user's own script sees this text; ``train.py`` rebuilds its
+    message from every rank's). ``torch_text`` is torch's own message."""
+
+    def __init__(self, message: str, torch_text: str, names: list[str], step: int):
+        super().__init__(message)
+        self.torch_text = torch_text
+        self.names = names
+        self.step = step
+
+    @classmethod
+    def from_torch(cls, exc: BaseException, engine: Any) -> UnusedParametersError:
+        from .advice import render
+
+        text = str(exc)
+        context = engine.failure_context()
+        order = context.get("order") or []
+        indices = unused_indices(text).get(engine.rank, [])
+        names = [order[i] if i < len(order) else f"<parameter index {i}>" for i in indices]
+        d = Diagnosis(engine.rank, "unused_parameters", f"{len(names)} parameters got no gradient", text, names)
+        for key, value in context.items():
+            if hasattr(d, key):
+                setattr(d, key, value)
+        lines = [text, "", f"Parameters that got no gradient on rank {engine.rank}, by module:"]
+        lines += [f"  {module}: {', '.join(leaves)}" for module, leaves in group_by_module(names).items()]
+        lines += _context_lines(d)
+        lines.append(render(facts_of([d])))
+        return cls("\n".join(lines), text, names, d.step)
 
 
 def reducer_parameter_names(module: Any, ignored: Iterable[str] = ()) -> list[str]:
@@ -92,10 +131,12 @@ def unused_indices(text: str) -> dict[int, list[int]]:
     return {int(rank): [int(i) for i in idx.split()] for rank, idx in _INDICES.findall(text)}
 
 
-def diagnose(exc: BaseException, rank: int, ddp_model: Any = None, tb: str = "") -> Diagnosis:
-    """Explain ``exc`` raised on ``rank``. ``ddp_model`` (the DDP wrapper) turns indices into names."""
-    text = str(exc)
-    original = f"{type(exc).__name__}: {text}"
+def diagnose(exc: BaseException, rank: int, ddp_model: Any = None, tb: str = "",
+             order: list[str] | None = None) -> Diagnosis:  # fmt: skip
+    """Explain ``exc`` raised on ``rank``. ``order`` (the reducer's parameter names as it was built) or else
+    ``ddp_model`` (the DDP wrapper, read as it is now) turns indices into names."""
+    text = getattr(exc, "torch_text", None) or str(exc)
+    original = f"{'RuntimeError' if hasattr(exc, 'torch_text') else type(exc).__name__}: {text}"
     if IGNORED_GRAD_MARKER in text:
         return Diagnosis(rank, "ignored_got_grad", "parameters left out of DDP got a gradient", text,
                          list(getattr(exc, "names", [])), traceback=tb)  # fmt: skip
@@ -106,11 +147,12 @@ def diagnose(exc: BaseException, rank: int, ddp_model: Any = None, tb: str = "")
         names: list[str] = []
         aliases: dict[str, list[str]] = {}
         indices = unused_indices(text).get(rank, [])
-        if ddp_model is not None and indices:
+        if (order or ddp_model is not None) and indices:
             module = getattr(ddp_model, "module", ddp_model)
-            order = reducer_parameter_names(module, getattr(ddp_model, "parameters_to_ignore", ()))
+            if not order:
+                order = reducer_parameter_names(module, getattr(ddp_model, "parameters_to_ignore", ()))
             names = [order[i] if i < len(order) else f"<parameter index {i}>" for i in indices]
-            all_aliases = parameter_aliases(module)
+            all_aliases = parameter_aliases(module) if module is not None else {}
             aliases = {n: all_aliases[n] for n in names if n in all_aliases}
         elif indices:
             names = [f"<parameter index {i}>" for i in indices]
@@ -156,19 +198,6 @@ def _ranks(ranks: Iterable[int]) -> str:
 
 
 _FIXES = {
-    "unused_parameters": (
-        "Fix it with one word on the command line:\n"
-        "  ddp=auto     probe the model first and pick the cheapest setting that works (the default).\n"
-        "  ddp=static   static_graph=True. No per-step search; needs the same parameters unused in every step.\n"
-        "  ddp=safe     find_unused_parameters=True. Works whatever changes between steps; walks the autograd\n"
-        "               graph after every forward to find them.\n"
-        "  (the same as ddp.unused_params=static / ddp.unused_params=find)\n"
-        "Or make the loss use them, or freeze them (requires_grad=False) so DDP does not wait for them."
-    ),
-    "graph_changed": (
-        "static_graph=True needs the same parameters used in every step. Fix: ddp=safe "
-        "(find_unused_parameters=True), which allows the used set to change."
-    ),
     "workers_died": (
         "The data-loading (augmentation) worker processes died. They print no error of their own when they are\n"
         "killed; the likely cause is memory: the host's out-of-memory killer (see `dmesg | grep -i oom`), or a\n"
@@ -184,11 +213,14 @@ _FIXES = {
         "memory, mixed precision); with framework=torch, memory.on_oom=halve lets every rank drop the step and\n"
         "go on at half the batch size. One rank skipping a batch on its own would leave the others waiting."
     ),
-    "ready_twice": (
-        "This happens with find_unused_parameters=True (ddp=safe) and reentrant activation checkpointing\n"
-        "(torch.utils.checkpoint without use_reentrant=False; OpenMMLab backbones with with_cp=True), or when a\n"
-        "module runs twice in one step. Fix: ddp=static, or checkpointing with use_reentrant=False."
-    ),
+}
+_CAUSES = {
+    "graph_changed": "static_graph=True needs the same parameters used in every step: DDP recorded the first step's "
+    "graph, and a later step used a different set.",
+    "ready_twice": "With find_unused_parameters=True, DDP searches the graph after the forward and marks every "
+    "parameter it cannot reach as unused; reentrant activation checkpointing (torch.utils.checkpoint without "
+    "use_reentrant=False; OpenMMLab backbones with with_cp=True) hides its segments' parameters from that search, "
+    "and they then get a gradient after all: marked ready twice.",
 }
 
 
@@ -196,24 +228,49 @@ _FROM_DDP = ("unused_parameters", "graph_changed", "ready_twice")
 _OURS = ("ignored_got_grad", "replicas_differ", "frozen")
 
 
-def _probe_missed(d: Diagnosis) -> str:
-    """The advice when ddp=auto's (or ddp=ignore's) probe decided and a later step proved it wrong."""
-    seen = {"strict": "every parameter used in every step", "ignore": "the same parameters unused in every step",
-            "find": "the unused parameters change"}.get(d.probe_choice, "")  # fmt: skip
-    step = f"in training step {d.step}" if d.step else "in a later step"
-    return (
-        f"The probe decided this: before training it ran {d.probe_steps} forward/backward step(s), saw {seen}, "
-        f"and chose {d.probe_choice}. The parameters above got no gradient {step}, which the probe did not see: "
-        "the model's unused set changes from step to step.\n"
-        "Fix it on the command line:\n"
-        "  ddp=safe               find_unused_parameters=True: works whatever changes between steps or ranks.\n"
-        f"  ddp.probe_steps=N      a longer probe (now {d.probe_steps}), if the change shows up within N steps.\n"
-        "Or make the loss use them in every step."
-    )
+def facts_of(group: list[Diagnosis]) -> Any:
+    """What the diagnoses of one kind tell the advice (adapters.advice.Facts)."""
+    from .advice import Facts
+
+    first = group[0]
+    names = list(dict.fromkeys(n for d in group for n in d.unused))
+    return Facts(
+        kind=first.kind, preset=first.preset or "strict", probe_steps=first.probe_steps,
+        step=max(d.step for d in group), unused=names,
+        ranks_differ=len({frozenset(d.unused) for d in group}) > 1,
+        changed=first.changed, accumulation=any(d.accumulation for d in group),
+        reentrant=any(d.reentrant for d in group) or first.kind == "ready_twice",
+        manual_optimization=first.manual_optimization, chosen=first.chosen, observed_steps=first.observed_steps,
+        frozen_since_build=list(dict.fromkeys(n for d in group for n in d.frozen_since_build)),
+    )  # fmt: skip
+
+
+def _context_lines(d: Diagnosis) -> list[str]:
+    """What the run had decided, and what changed since DDP was built, as sentences."""
+    lines = []
+    if d.chosen and d.preset in ("auto", "ignore"):
+        seen = {"strict": "every parameter used in every step", "ignore": "the same parameters unused in every "
+                "step", "find": "the unused parameters change"}.get(d.chosen, "")  # fmt: skip
+        step = f"in training step {d.step}" if d.step else "in a later step"
+        lines.append(
+            f"ddp={d.preset} decided this from the first {d.observed_steps} training step(s): it saw {seen}, and "
+            f"chose {d.chosen}. The parameters above got no gradient {step}, after those steps: the model's "
+            "unused set changes from step to step."
+        )
+    frozen = [n for n in d.frozen_since_build if n in set(d.unused)] or d.frozen_since_build
+    if frozen:
+        lines.append(
+            f"{len(frozen)} of the parameters DDP reduces were trainable when it built its reducer and are frozen "
+            f"now ({', '.join(frozen[:6])}{' ...' if len(frozen) > 6 else ''}): requires_grad changed after the "
+            "wrapper was built, and DDP still waits for their gradients."
+        )
+    return lines
 
 
 def format_failure(diagnoses: list[Diagnosis], *, context: str = "") -> str:
     """The message a user sees when a run stops: what happened, where, by name, and the fix."""
+    from .advice import render
+
     if not diagnoses:
         return "The run stopped, and no rank reported why (a rank was killed, or crashed in native code)."
     lines: list[str] = []
@@ -242,8 +299,11 @@ def format_failure(diagnoses: list[Diagnosis], *, context: str = "") -> str:
                     lines.append(f"  ({name} is shared; also reachable as {', '.join(other)})")
                 rank_sets = {frozenset(d.unused) for d in group}
                 if len(rank_sets) > 1:
-                    lines.append("The unused set differs between ranks, so ddp=static may not hold: prefer ddp=safe.")
-            lines.append(_probe_missed(group[0]) if group[0].probe_choice else _FIXES[kind])
+                    lines.append("The unused set differs between ranks: ddp=static cannot hold.")
+            if kind in _CAUSES:
+                lines.append(_CAUSES[kind])
+            lines.extend(_context_lines(group[0]))
+            lines.append(render(facts_of(group)))
             if context:
                 lines.append(context)
         elif kind in _OURS:
@@ -259,9 +319,13 @@ def format_failure(diagnoses: list[Diagnosis], *, context: str = "") -> str:
                 f"{_ranks(d.rank for d in group).capitalize()} lost the connection to another rank, "
                 "which stopped without reporting why (see its log)."
             )
-        elif kind in ("ready_twice", "workers_died", "oom"):
-            subject = "DDP stopped" if kind == "ready_twice" else "The run stopped"
-            lines.append(f"{subject} on {_ranks(d.rank for d in group)}: {group[0].summary}.")
+        elif kind == "ready_twice":
+            lines.append(f"DDP stopped on {_ranks(d.rank for d in group)}: {group[0].summary}.")
+            lines.append(_CAUSES[kind])
+            lines.extend(_context_lines(group[0]))
+            lines.append(render(facts_of(group)))
+        elif kind in ("workers_died", "oom"):
+            lines.append(f"The run stopped on {_ranks(d.rank for d in group)}: {group[0].summary}.")
             lines.append(_FIXES[kind])
         else:
             for d in group:

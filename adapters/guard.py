@@ -28,6 +28,9 @@ How the flags travel costs the guard almost everything it costs, so there are tw
   bucket would be complete anyway) with the flags appended. No collective is added; this matters on CPUs,
   where one small gloo collective costs as much as a few percent of a step. DDP starts its own end of
   backward after this one (it queues it after reducing the last bucket), and only then waits for buckets.
+* ``sink``: the same all-reduce, queued from the backward of the wrapper's outputs rather than from a gradient
+  hook (``adapters.backward``), for models with reentrant activation checkpointing: their checkpointed
+  segments run backward passes of their own, which end before the rest of the model has its gradients.
 * ``collective``: one small all-reduce of the flags at the end of backward, on the CPU. On nccl, in a gloo
   group of its own: reading flags that rode on a GPU bucket would make the CPU wait for the GPU at every
   step, where this waits only for the other ranks' CPUs, which run ahead of their GPUs. Also wherever the
@@ -63,16 +66,19 @@ class StepCounter:
     """Counts the training steps DDP synchronises, from a forward pre-hook on the DDP wrapper.
 
     A step counts when its forward runs with gradients enabled outside ``no_sync``: DDP decides at forward
-    time whether the following backward reduces gradients, and so does the guard. It holds the wrapper
-    weakly: a replaced wrapper must be freed at once, or its reducer's hooks would fire in later backwards.
+    time whether the following backward reduces gradients, and so does the guard. ``before(ddp, syncing)`` runs
+    after the count, before any other pre-hook of the wrapper (the engine's checks and decisions). It holds the
+    wrapper weakly: a replaced wrapper must be freed at once, or its reducer's hooks would fire in later
+    backwards.
     """
 
-    def __init__(self, ddp: Any, start: int = 0):
+    def __init__(self, ddp: Any, start: int = 0, before: Callable[[Any, bool], None] | None = None):
         self._ddp = weakref.ref(ddp)
         self.steps = start  # synchronised forwards so far
         self.forwards = 0  # forwards with gradients enabled (synchronised or not)
         self.syncing = False  # whether the latest forward's backward is synchronised
-        self._handle = ddp.register_forward_pre_hook(self._forward)
+        self._before = before
+        self._handle = ddp.register_forward_pre_hook(self._forward, prepend=True)
 
     def _forward(self, *_: Any) -> None:
         import torch
@@ -81,9 +87,11 @@ class StepCounter:
         if ddp is None or not torch.is_grad_enabled():  # an evaluation forward: DDP prepares no backward
             return
         self.forwards += 1
-        self.syncing = ddp.require_backward_grad_sync
+        self.syncing = bool(ddp.require_backward_grad_sync)
         if self.syncing:
             self.steps += 1
+        if self._before is not None:
+            self._before(ddp, self.syncing)
 
     def remove(self) -> None:
         self._handle.remove()
@@ -107,6 +115,9 @@ def _piggyback_hook(state, bucket):  # DDP checks a hook's argument names and an
     return guard._defer(bucket)
 
 
+_piggyback_hook.dropped_on_rebuild = True  # the engine installs a new guard on a rebuilt reducer
+
+
 def choose_exchange(ddp: Any) -> tuple[str, str]:
     """``piggyback`` where the flags can ride on DDP's last bucket, else ``collective``; and why."""
     import torch.distributed as dist
@@ -127,7 +138,7 @@ def choose_exchange(ddp: Any) -> tuple[str, str]:
 class IgnoredGradGuard:
     """Installed on a DDP wrapper whose ignore list holds ``names`` (reducer names of the inner module).
 
-    ``exchange``: ``piggyback`` or ``collective`` (see the module's docstring); None chooses
+    ``exchange``: ``piggyback``, ``collective`` or ``sink`` (see the module's docstring); None chooses
     (``choose_exchange``; a model that already has a communication hook gets ``collective``).
     ``flag_group``: the CPU group for ``collective`` (None: the default group).
     """
@@ -178,7 +189,9 @@ class IgnoredGradGuard:
         if exchange == "piggyback" and not self._hook_into(ddp):
             exchange, self.exchange_reason = "collective", "the model already has a DDP communication hook"
         self.exchange = exchange
-        if exchange == "collective":
+        if exchange == "sink":
+            self._handles.append(ddp.register_forward_hook(self._attach_sink, always_call=True))
+        elif exchange == "collective":
             # A parameter DDP reduces tells that a backward runs. Without find_unused_parameters or a static
             # graph every one of them gets a gradient in every synchronised backward (DDP stops the run
             # otherwise), so two suffice; with them, any may be unused, so all of them are watched.
@@ -248,6 +261,23 @@ class IgnoredGradGuard:
         self._queued_at = self.counter.forwards  # once per backward; the next forward arms it again
         torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
 
+    def _attach_sink(self, ddp: Any, _args: Any, output: Any) -> Any:
+        import torch
+
+        from . import backward
+
+        if output is None or not torch.is_grad_enabled() or not ddp.require_backward_grad_sync:
+            return None
+        output, tensors = backward.attach(output, self._outputs_reached)
+        return output if tensors else None
+
+    def _outputs_reached(self) -> None:
+        from . import backward
+
+        if self._queued_at != self.counter.forwards:
+            self._queued_at = self.counter.forwards
+            backward.queue(self._after_backward)
+
     def _after_backward(self) -> None:
         """Runs once at the end of each backward pass, on every rank."""
         import torch.distributed as dist
@@ -307,7 +337,8 @@ class IgnoredGradGuard:
             lines.append(f"  {module}: {', '.join(leaves)}")
         if stopping:
             lines.append("The run stops before the optimizer step (ddp.on_ignored_grad=fail), so no rank applied "
-                         "a gradient the others did not.")  # fmt: skip
+                         "a gradient the others did not.\nFix: ddp.on_ignored_grad=sync (the default: the guard "
+                         "averages their gradients across ranks, as DDP would, and the run goes on).")  # fmt: skip
         else:
             lines.append("Their gradients were averaged across ranks before the optimizer step, as DDP would have "
                          "done, so the replicas stay equal (ddp.on_ignored_grad=sync; this is said once per "

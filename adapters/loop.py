@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from .base import WorkerContext
-from .building import build, cycle
+from .building import build
 from .errors import ConfigError
 
 CONTRACT = (
@@ -45,9 +45,7 @@ class Loop:
             )
         self.sampler = DistributedSampler(self.dataset, ctx.world_size, ctx.rank, shuffle=True, seed=fw.seed,
                                           drop_last=True)  # fmt: skip
-        batches = cycle(self.loader(list(self.sampler), batch_size))
-        decided = ctx.resolve_unused_params(self.model, batches, self.probe_step) or {}
-        self.ddp_kwargs = {**ctx.native.settings["ddp_kwargs"], **decided}
+        self.ddp_kwargs = dict(ctx.native.settings["ddp_kwargs"])
         self.ddp = self.wrap()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=fw.lr, momentum=0.9)
         self.amp = memory["torch.autocast"] != "off"
@@ -69,9 +67,6 @@ class Loop:
 
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-
-    def probe_step(self, batch: dict) -> None:
-        loss_of(self.model(**self.to_device(batch))).backward()
 
     def wrap(self) -> Any:
         from torch.nn.parallel import DistributedDataParallel

@@ -119,7 +119,7 @@ def compare(module: Any, *, left_out_by_us: Iterable[str] = (), group: Any = Non
     return report
 
 
-def failure_message(report: ReplicaReport, when: str) -> str:
+def failure_message(report: ReplicaReport, when: str, frozen_since_build: Iterable[str] = ()) -> str:
     ranks = sorted({r for rs in report.params_differ.values() for r in rs})
     lines = [
         f"The replicas differ {when}: the parameters of rank(s) {', '.join(map(str, ranks))} are not rank 0's "
@@ -132,9 +132,21 @@ def failure_message(report: ReplicaReport, when: str) -> str:
         "ranks only: a gradient applied without being reduced (a parameter left out of DDP by the model's own "
         "code, or updated outside backward), a rank that skipped or repeated a step on its own, or a model "
         "that changes its own weights differently per rank.\n"
-        "The weights saved from rank 0 are one replica among several: do not trust this run's result.\n"
-        "Fix: ddp=safe if parameters are left out of DDP; otherwise look for per-rank code in the model or loop."
+        "The weights saved from rank 0 are one replica among several: do not trust this run's result."
     )
+    frozen = [n for n in frozen_since_build if n in report.params_differ]
+    if frozen:
+        lines.append(
+            f"Of these, {', '.join(frozen[:6])} were trainable when DDP built its reducer and are frozen now: "
+            "requires_grad changed after the wrapper was built, and something updated them outside DDP's reduction "
+            "(an optimizer that still holds them with weight decay or momentum?).\nFix: freeze parameters before DDP "
+            "wraps the model, or take them out of the optimizer when freezing them."
+        )
+    else:
+        lines.append(
+            "Fix: look for code that changes parameters on some ranks only (in the model, the loop, or a callback), "
+            "or parameters the model's own code leaves out of DDP (_ddp_params_and_buffers_to_ignore) and updates."
+        )
     return "\n".join(lines)
 
 

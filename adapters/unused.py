@@ -1,106 +1,89 @@
-"""The unused-parameter engine of one rank: decide what DDP does with parameters that get no gradient, apply
-it to the module, and watch the DDP wrapper the framework builds.
+"""What a run does about parameters without a gradient, decided and applied in one place for every adapter.
 
-* ``decide(policy, probe, capabilities)`` is pure: from the policy, what the probe saw (or None) and what the
-  framework allows, the DDP arguments to add and the parameters to leave out. A table test covers it.
-* ``Engine`` does the rest in a rank: runs the probe when the decision needs one, puts the chosen parameters on
-  DDP's ignore list, and for each DDP wrapper the framework builds logs the settings DDP really holds, counts
-  its steps, guards the parameters left out, checks the replicas, and stops strict right after step 1.
+``decide(policy, observation)`` is pure: the preset, and for ``auto`` (and ``ignore`` without names) what the
+run's own first steps showed (``adapters.observe``), give the choice, the parameters left out of DDP and the
+lines to log. ``Engine`` applies it in a rank, to every DDP wrapper the framework builds (``track``), in place:
+the framework keeps its wrapper, and the wrapper's reducer is rebuilt when the decision needs it
+(``adapters.reducer``). Around each wrapper it also keeps what makes a run loud instead of wrong:
 
-Adapters reach it through ``WorkerContext``'s three hooks: ``resolve_unused_params``, ``track_ddp`` and
-``first_step_done``.
+* strict stops after step 1's backward, naming the parameters, not at step 2's forward (a check queued at the
+  end of that backward, after DDP's own), and at any later step before the forward runs;
+* ``static_graph=True`` with gradient accumulation: torch records the graph in the reducer's first iteration
+  and asserts (``expect_autograd_hooks_``) when that iteration is a micro-step under ``no_sync``; the reducer is
+  then built without it until the first synchronised forward, and with it from there, which torch accepts;
+* a parameter that was frozen when DDP built its reducer and is trainable now (a fine-tuning callback that
+  unfreezes a backbone) would never be reduced: the reducer is rebuilt with it before that step, and the
+  change is named;
+* parameters left out of DDP are guarded (``adapters.guard``); the replicas are compared at the end.
+
+Adapters reach it through ``WorkerContext``: ``track_ddp`` for each wrapper, ``first_step_done`` after the first
+backward (kept for the garbage collector's freeze; the engine's own checks need no callback).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .errors import ConfigError
 from .policy import Backend, DDPPolicy, UnusedParams
 
 
-class ProbeDone(Exception):  # noqa: N818 - not an error: how `doctor` stops a rank after the probe
-    """Raised in every rank after the probe when only the probe was asked for (``python -m adapters doctor``)."""
+class ProbeDone(Exception):  # noqa: N818 - not an error: how `doctor` stops a rank after the observed steps
+    """Raised in every rank once the observed steps are done, when only they were asked for (``doctor``)."""
 
     def __init__(self, result: Any):
-        super().__init__("probe done")
+        super().__init__("observation done")
         self.result = result
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What a framework lets the engine do."""
-
-    # DDP wraps the very module the probe ran on, so DDP's ignore list (set on that module) applies. False where
-    # the framework wraps a module of its own around it (fastNLP's driver): ignore then becomes static_graph.
-    can_ignore: bool = True
 
 
 @dataclass(frozen=True)
 class Decision:
     """What this run does with unused parameters, on top of the preset's own DDP arguments."""
 
-    # DDP arguments to add; None: nothing changes (strict stays as translated, no re-wrap needed).
-    ddp_kwargs: dict[str, Any] | None = None
-    # Parameters to leave out of DDP (reducer names), or, with ``patterns``, ddp.ignore's names and globs.
-    leave_out: tuple[str, ...] = ()
-    patterns: bool = False
+    choice: UnusedParams = UnusedParams.strict  # strict | ignore | find: how the reducer is (re)built
+    leave_out: tuple[str, ...] = ()  # reducer names to leave out of DDP (ignore)
     why: str = ""  # why they are left out (for the guard's message)
     advice: str = ""  # what to do if one of them does get a gradient
     log: tuple[str, ...] = ()  # lines for the rank's log
 
 
-def needs_probe(policy: DDPPolicy) -> bool:
-    """auto, and ignore without names, decide from a probe of the run's real model and batches."""
+def needs_observation(policy: DDPPolicy) -> bool:
+    """auto, and ignore without names, decide from the run's own first steps."""
     return policy.unused_params is UnusedParams.auto or (
         policy.unused_params is UnusedParams.ignore and not policy.ignore
     )
 
 
-def decide(policy: DDPPolicy, probe: Any, capabilities: Capabilities = Capabilities()) -> Decision:
-    """The decision for ``policy`` given the probe's ``ProbeResult`` (None when no probe ran). Pure."""
-    choice = policy.unused_params
-    if choice not in (UnusedParams.auto, UnusedParams.ignore):
-        return Decision()  # strict, find and static are fixed by translate
+def decide(policy: DDPPolicy, observation: Any) -> Decision:
+    """The decision for ``policy`` (auto, or ignore without names) given what the first steps showed. Pure."""
     steps = policy.probe_steps
-    probe_advice = (
-        f"To make the choice explicit: ddp=safe (find_unused_parameters=True: any pattern of use), "
-        f"or a larger ddp.probe_steps (now {steps}) if the branch shows up within that many steps."
+    advice = (
+        "To make the choice explicit: ddp=safe (find_unused_parameters=True: any pattern of use), or a larger "
+        f"ddp.probe_steps (now {steps}) if the branch shows up within that many steps."
     )
-    if choice is UnusedParams.ignore and policy.ignore:
-        decision = Decision(
-            {}, tuple(policy.ignore), patterns=True, why="they are named in ddp.ignore",
-            advice="Fix: take them out of ddp.ignore, or use ddp=safe if they are used only in some steps.",
-        )  # fmt: skip
-    elif choice is UnusedParams.ignore:
-        if probe.sometimes_unused:
+    if policy.unused_params is UnusedParams.ignore:
+        if observation.changed and not observation.reentrant:
+            shown = ", ".join(observation.sometimes_unused[:6])
             raise ConfigError(
-                "ddp=ignore: the probe found parameters unused only in some steps or on some ranks ("
-                + ", ".join(probe.sometimes_unused[:6]) + "); leaving them out of DDP would let ranks "
-                "drift apart.\nFix: ddp=safe, or ddp=auto (which picks find here)."
-            )  # fmt: skip
-        decision = Decision({}, tuple(probe.never_used), why=f"ddp=ignore's probe saw them unused in all {steps} of "
-                            "its steps", advice=probe_advice)  # fmt: skip
-    else:
-        chosen, _ = probe.decision()
-        summary = (probe.summary_line(),)
-        if chosen is UnusedParams.find:
-            return Decision({"find_unused_parameters": True}, log=(*summary, *probe.unused_lines()))
-        if chosen is UnusedParams.strict:
-            return Decision(log=summary)
-        why = f"ddp=auto's probe saw them unused in all {steps} of its steps and chose ignore"
-        decision = Decision({}, tuple(probe.never_used), log=summary, advice=probe_advice, why=why)
-    if not capabilities.can_ignore:
-        count = (
-            "the parameters named in ddp.ignore are"
-            if decision.patterns
-            else f"{len(decision.leave_out)} parameters are"
-        )
-        return Decision({"static_graph": True}, log=(*decision.log, f"{count} unused in every step; this framework "
-                        "wraps its own module, so they are handled with static_graph=True"))  # fmt: skip
-    return decision
+                f"ddp=ignore: in the first {observation.steps} training steps some parameters were unused only in "
+                f"some steps or on some ranks ({shown}); the reducer would wait for them in the other steps.\n"
+                "Fix: ddp=safe, ddp=auto (which picks find here), or name every parameter to leave out: "
+                f"ddp.ignore=[{','.join(observation.never_used + observation.sometimes_unused)[:300]}]."
+            )
+        return Decision(UnusedParams.ignore, tuple(observation.leave_out()), advice=advice,
+                        why=f"ddp=ignore saw them unused in all {observation.steps} of its observed steps")  # fmt: skip
+    chosen, _ = observation.decision()
+    summary = (observation.summary_line(),)
+    if chosen is UnusedParams.find:
+        return Decision(UnusedParams.find, log=(*summary, *observation.unused_lines()))
+    if chosen is UnusedParams.strict:
+        return Decision(UnusedParams.strict, log=summary)
+    why = f"ddp=auto saw them unused in all {observation.steps} of its observed steps and chose ignore"
+    if observation.changed:
+        why = f"ddp=auto saw them unused in some of its {observation.steps} observed steps (reentrant checkpointing)"
+    return Decision(UnusedParams.ignore, tuple(observation.leave_out()), log=summary, advice=advice, why=why)
 
 
 @dataclass
@@ -112,107 +95,314 @@ class Engine:
     world_size: int
     backend: Backend
     log: logging.Logger
-    probe_only: bool = False  # `python -m adapters doctor`: stop with ProbeDone once the probe has run
+    probe_only: bool = False  # `python -m adapters doctor`: stop with ProbeDone once the observed steps are done
     ddp_model: Any = None
-    probe_result: Any = None
-    # Parameters this run left out of DDP (reducer names), and why: the guard watches them.
+    observation: Any = None  # adapters.observe.Observation, once the first steps decided
+    decision: Decision | None = None
+    # Parameters this run left out of DDP (reducer names), and the spellings added to the module's ignore list.
     left_out: list[str] = field(default_factory=list)
-    left_out_spellings: list[str] = field(default_factory=list)  # as added to the module's DDP ignore list
-    decision: Decision = field(default_factory=Decision)
+    left_out_spellings: list[str] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)  # the reducer's parameters as built, in its order
+    # Facts the adapter knows (for the advice): gradient accumulation is configured, manual optimization.
+    accumulation: bool = False
+    manual_optimization: bool = False
     steps: Any = None  # guard.StepCounter on the current DDP wrapper
     guard: Any = None  # guard.IgnoredGradGuard, when parameters are left out
+    observer: Any = None  # observe.FirstSteps while the first steps are observed
+    reentrant: bool = False
     _flag_group: Any = None
-    _checking_first_step: bool = False
-    _first_step_seen: bool = False
-    _unused_bytes: list[int] = field(default_factory=list)
+    _pending: bool = False  # the decision is to be applied before the next training forward
+    _static_after_micro_steps: bool = False  # static_graph=True is restored at the first synchronised forward
+    _checking: bool = False  # the reducer's finalisation is being checked (after step 1's backward)
+    _first_check_armed: Any = None
+    _trainable: list[Any] = field(default_factory=list)  # parameters the reducer holds (requires_grad at build)
+    _frozen: list[tuple[str, Any]] = field(default_factory=list)  # not in the reducer: frozen at build
+    _forwards_since_build: int = 0
+    _synced_since_build: int = 0
+    _find_saw_unused: bool = False
+    _find_samples: int = 0
     _every_steps_hook: Any = None
 
-    def resolve(self, module: Any, batches: Iterator[Any], step: Callable[[Any], None], *,
-                can_ignore: bool = True) -> dict[str, Any] | None:  # fmt: skip
-        """Probe ``module`` (unwrapped) when needed, decide, and prepare the module for DDP; see
-        ``WorkerContext.resolve_unused_params``."""
-        from .diagnose import group_by_module
-        from .probe import match_ignore, run_probe, set_ignored
-
-        if not (needs_probe(self.policy) or self.probe_only or self.policy.unused_params is UnusedParams.ignore):
-            return None
-        if self.policy.unused_params is UnusedParams.ignore and self.policy.ignore:
-            named = match_ignore(module, list(self.policy.ignore))  # a name that matches nothing stops here
-        if needs_probe(self.policy) or self.probe_only:
-            own = getattr(module, "_ddp_params_and_buffers_to_ignore", ())  # the model's own list stays as it is
-            self.probe_result = run_probe(module, batches, step, self.policy.probe_steps, ignored=own)
-            if self.probe_only:
-                raise ProbeDone(self.probe_result)
-        decision = decide(self.policy, self.probe_result, Capabilities(can_ignore=can_ignore))
-        self.decision = decision
-        for line in decision.log:
-            self.log.info(line)
-        if not decision.leave_out:
-            return decision.ddp_kwargs
-        names = named if decision.patterns else list(decision.leave_out)
-        self.left_out_spellings = set_ignored(module, names)
-        self.left_out = names
-        for module_name, leaves in group_by_module(names).items():
-            self.log.info("DDP leaves out %s: %s", module_name, ", ".join(leaves))
-        return decision.ddp_kwargs
+    # --- each DDP wrapper the framework builds -------------------------------------------------------
 
     def track(self, model: Any) -> Any:
-        """Remember the DDP wrapper, log what it holds, count its steps, guard what this run left out of it."""
-        from .guard import IgnoredGradGuard, StepCounter
+        """Take over a DDP wrapper the framework built (again when it builds another): apply the policy to it in
+        place, watch its steps, guard what is left out of it."""
+        from .guard import StepCounter
 
         start = self.steps.steps if self.steps is not None else 0
-        for hooked in (self.guard, self.steps):
-            if hooked is not None:
-                hooked.remove()
-        self.guard = None
+        self._unhook()
         self.ddp_model = model
-        self.log.info("DDP as built: %s", ", ".join(f"{k}={v}" for k, v in describe_ddp(model).items()))
-        if not hasattr(model, "register_forward_pre_hook") or not hasattr(model, "require_backward_grad_sync"):
+        if not hasattr(model, "reducer") or not hasattr(model, "require_backward_grad_sync"):
+            self.log.info("DDP as built: %s (not a DistributedDataParallel: the policy does not apply)",
+                          type(model).__name__)  # fmt: skip
             self.steps = None
             return model
-        self.steps = StepCounter(model, start)
-        ignored = getattr(model, "parameters_to_ignore", ())
-        if self.left_out and any(name in ignored for name in self.left_out):
-            self.guard = IgnoredGradGuard(
-                model, self.left_out, self.steps, on_grad=self.policy.on_ignored_grad, why=self.decision.why,
-                advice=self.decision.advice, log=self.log, flag_group=self._cpu_group(),
-            )  # fmt: skip
+        self.steps = StepCounter(model, start, before=self._before_forward)
+        if self.policy.unused_params is UnusedParams.ignore and self.policy.ignore and self.decision is None:
+            self.decision = self._named_ignore(model.module)
+        if self.decision is None and needs_observation(self.policy) and self.observation is None:
+            self._observe(model)
+        else:
+            self._configure(model)
         if self.policy.check_replicas_every and self._every_steps_hook is None:
             self._every_steps_check()
         return model
 
-    def first_step_done(self) -> None:
-        """After the first backward: strict stops now, not at step 2's forward."""
-        if self._first_step_seen:
-            return
-        self._first_step_seen = True
-        model = self.ddp_model
-        if model is None or not hasattr(model, "reducer"):
-            return
-        if not model.find_unused_parameters and not model.static_graph:
-            self._checking_first_step = True
-            model._check_reducer_finalized()
-            self._checking_first_step = False
-        self._unused_bytes_sample()
+    def _named_ignore(self, module: Any) -> Decision:
+        from .ignorelist import match_ignore
 
-    def _unused_bytes_sample(self) -> None:
-        # DDP's logger records unused_parameter_size at the forward after a step: absent after step 1.
-        model = self.ddp_model
-        if model is not None and getattr(model, "find_unused_parameters", False):
-            size = model._get_ddp_logging_data().get("unused_parameter_size")
-            if size is not None:
-                self._unused_bytes.append(size)
+        names = match_ignore(module, list(self.policy.ignore))  # a name that matches nothing stops here
+        return Decision(UnusedParams.ignore, tuple(names), why="they are named in ddp.ignore",
+                        advice="Fix: take them out of ddp.ignore, or use ddp=safe if they are used only in some "
+                        "steps.")  # fmt: skip
+
+    def _observe(self, model: Any) -> None:
+        from .observe import FirstSteps
+
+        if model.find_unused_parameters or model.static_graph:  # built by code that set its own
+            from .reducer import rebuild
+
+            self.log.warning("ddp=%s: DDP was built with find_unused_parameters=%s, static_graph=%s; the first "
+                             "steps decide instead", self.policy.unused_params.name, model.find_unused_parameters,
+                             model.static_graph)  # fmt: skip
+            rebuild(model, find=False, static=False)
+        self._record(model)
+        self.observer = FirstSteps(model, self.policy.probe_steps, self._observed, self.log)
+        self.log.info("DDP as built: %s; ddp=%s decides from the first %d training step(s)", self._describe(model),
+                      self.policy.unused_params.name, self.policy.probe_steps)  # fmt: skip
+
+    def _observed(self, observation: Any) -> None:
+        """On every rank, at the end of the last observed backward: decide; apply before the next forward."""
+        self.observer = None
+        self.observation = observation
+        self.reentrant = self.reentrant or observation.reentrant
+        if self.probe_only:
+            raise ProbeDone(observation)
+        self.decision = decide(self.policy, observation)
+        for line in self.decision.log:
+            self.log.info(line)
+        self._pending = True
+
+    def _configure(self, model: Any) -> None:
+        """Bring ``model``'s reducer to the decision (or the preset), then record, log and guard it."""
+        from .reducer import rebuild
+
+        decision = self.decision
+        if decision is not None:
+            want_find = decision.choice is UnusedParams.find
+            spellings: list[str] = []
+            if decision.leave_out:
+                from .ignorelist import ignore_spellings
+
+                spellings = ignore_spellings(model.module, list(decision.leave_out))
+            missing = [s for s in spellings if s not in model.parameters_to_ignore]
+            if missing or bool(model.find_unused_parameters) != want_find or model.static_graph:
+                rebuild(model, ignore=missing, find=want_find, static=False)
+            own = set(getattr(model.module, "_ddp_params_and_buffers_to_ignore", ())) - set(spellings)
+            self.left_out = list(decision.leave_out)
+            self.left_out_spellings = [s for s in spellings if s not in own]
+            for module_name, leaves in _grouped(self.left_out).items():
+                self.log.info("DDP leaves out %s: %s", module_name, ", ".join(leaves))
+        self._record(model)
+        self.log.info("DDP as built: %s", self._describe(model))
+        self._guard(model)
+        if not model.find_unused_parameters and not model.static_graph:
+            self._arm_first_step_check(model)
+
+    def _record(self, model: Any) -> None:
+        """What the reducer holds now, for exact names later, whatever ``requires_grad`` becomes."""
+        from .reducer import reducer_names
+
+        self.order = reducer_names(model)
+        ignored = model.parameters_to_ignore
+        self._trainable, self._frozen = [], []
+        for module_name, mod in model.module.named_modules():
+            for param_name, param in mod.named_parameters(recurse=False):
+                if f"{module_name}.{param_name}" in ignored:
+                    continue
+                (self._trainable.append(param) if param.requires_grad else
+                 self._frozen.append((f"{module_name}.{param_name}".lstrip("."), param)))  # fmt: skip
+        self._forwards_since_build = self._synced_since_build = 0
+
+    def _describe(self, model: Any) -> str:
+        return ", ".join(f"{k}={v}" for k, v in describe_ddp(model).items())
+
+    def _guard(self, model: Any) -> None:
+        from .guard import IgnoredGradGuard
+
+        ignored = model.parameters_to_ignore
+        if self.left_out and any(name in ignored for name in self.left_out):
+            decision = self.decision or Decision()
+            self.guard = IgnoredGradGuard(
+                model, self.left_out, self.steps, on_grad=self.policy.on_ignored_grad, why=decision.why,
+                advice=decision.advice, log=self.log, flag_group=self._cpu_group(),
+                exchange="sink" if self.reentrant else None,
+            )  # fmt: skip
+
+    def _unhook(self) -> None:
+        for hooked in (self.guard, self.steps, self.observer, self._first_check_armed):
+            if hooked is not None:
+                hooked.remove()
+        self.guard = self.observer = self._first_check_armed = None
+
+    # --- before every training forward of the wrapper (the step counter's pre-hook) --------------------
+
+    def _before_forward(self, model: Any, syncing: bool) -> None:
+        if self._pending:
+            self._pending = False
+            self._apply_decision(model)
+        self._forwards_since_build += 1
+        if self.policy.unused_params is UnusedParams.static and self._forwards_since_build == 1 and not syncing:
+            self._hold_static(model)
+        if not syncing:
+            return
+        if self._static_after_micro_steps:
+            from .reducer import rebuild
+
+            self._static_after_micro_steps = False
+            rebuild(model, static=True)
+            self.log.info("static_graph=True from this synchronised step on (the reducer records its graph now)")
+        if self._frozen and any(p.requires_grad for _, p in self._frozen):
+            self._unfrozen(model)
+        if self.observer is None and not model.find_unused_parameters and not model.static_graph:
+            self._check_finalized(model)
+        elif model.find_unused_parameters and self._synced_since_build:
+            self._sample_find(model)
+        self._synced_since_build += 1
+
+    def _apply_decision(self, model: Any) -> None:
+        from .guard import StepCounter
+
+        for hooked in (self.guard, self._first_check_armed):
+            if hooked is not None:
+                hooked.remove()
+        self.guard = self._first_check_armed = None
+        self._configure(model)
+        assert isinstance(self.steps, StepCounter)
+
+    def _hold_static(self, model: Any) -> None:
+        """The first forward is a micro-step under no_sync: torch's static graph would assert in the first
+        synchronised backward. Built without it until then (torch records the graph at that step instead)."""
+        from .reducer import rebuild
+
+        if not model.static_graph:
+            return
+        rebuild(model, static=False)
+        self._static_after_micro_steps = True
+        self.log.info("static_graph=True with gradient accumulation: the reducer records its graph at the first "
+                      "synchronised step, not at the first micro-step under no_sync (where torch asserts)")  # fmt: skip
+
+    def _unfrozen(self, model: Any) -> None:
+        """Parameters frozen when the reducer was built are trainable now: rebuild it with them, before this step."""
+        import torch
+        import torch.distributed as dist
+
+        from .diagnose import group_by_module
+        from .reducer import rebuild
+
+        names = [n for n, p in self._frozen if p.requires_grad]
+        # Every rank must rebuild at the same step: they agree on how many parameters became trainable.
+        count = torch.tensor([len(names), -len(names)], dtype=torch.int64)
+        if self.backend is Backend.nccl:
+            count = count.cuda()
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=getattr(model, "process_group", None))
+        if int(count[0]) != -int(count[1]):
+            raise RuntimeError(
+                "requires_grad changed after DDP built its reducer, differently on different ranks (this rank: "
+                f"{len(names)} parameters became trainable): the ranks cannot agree on what DDP reduces.\nFix: "
+                "change requires_grad at the same step on every rank."
+            )
+        step = self.steps.steps + 1 if self.steps is not None else 0
+        lines = [f"{len(names)} parameter(s) were frozen (requires_grad=False) when DDP built its reducer and are "
+                 f"trainable now, at training step {step}: requires_grad changed after the wrapper was built (a "
+                 "fine-tuning callback that unfreezes them?). DDP would never have reduced their gradients and the "
+                 "replicas would have drifted apart; its reducer is rebuilt with them, on every rank, before this "
+                 "step:"]  # fmt: skip
+        lines += [f"  {module}: {', '.join(leaves)}" for module, leaves in group_by_module(names).items()]
+        if self.rank == 0:
+            self.log.warning("\n".join(lines))
+        for hooked in (self.guard, self._first_check_armed):
+            if hooked is not None:
+                hooked.remove()
+        self.guard = self._first_check_armed = None
+        rebuild(model)
+        self._record(model)
+        self.log.info("DDP as rebuilt: %s", self._describe(model))
+        self._guard(model)
+        if not model.find_unused_parameters and not model.static_graph:
+            self._arm_first_step_check(model)
+
+    # --- strict: stop at the step that left parameters unused, with their names ------------------------
+
+    def _arm_first_step_check(self, model: Any) -> None:
+        self._first_check_armed = _FirstStepCheck(model, self._check_finalized_after_step)
+
+    def _check_finalized_after_step(self, model: Any) -> None:
+        self._checking = True
+        try:
+            self._check_finalized(model)
+        finally:
+            self._checking = False
+
+    def _check_finalized(self, model: Any) -> None:
+        """Raise DDP's own error, with the parameters' names, if the last synchronised backward left any unused."""
+        try:
+            model._check_reducer_finalized()
+        except RuntimeError as exc:
+            from .diagnose import REDUCTION_MARKER, UnusedParametersError
+
+            if REDUCTION_MARKER not in str(exc):
+                raise
+            raise UnusedParametersError.from_torch(exc, self) from None
+
+    def _sample_find(self, model: Any) -> None:
+        """With find_unused_parameters=True: did this rank leave a parameter unused in the last step? (DDP's own
+        record, read before the next forward overwrites it)."""
+        used = model.reducer._get_local_used_map()
+        self._find_samples += 1
+        if used.numel() and int(used.min()) == 0:
+            self._find_saw_unused = True
+
+    # --- the end of the run --------------------------------------------------------------------------
+
+    def first_step_done(self) -> None:
+        """Kept for adapters and users' scripts: the engine's checks need no callback any more."""
 
     def after_run(self) -> None:
-        """Compare the replicas; with find, say so when DDP found nothing unused (strict would be faster)."""
-        if self.policy.check_replicas and self.ddp_model is not None and self.world_size > 1:
+        """Compare the replicas; with find, say so when no rank left a parameter unused in any step (strict would be
+        faster)."""
+        model = self.ddp_model
+        if self.policy.check_replicas and model is not None and self.world_size > 1:
             self.check_replicas("at the end of the run")
-        self._unused_bytes_sample()
-        if self._unused_bytes and all(b == 0 for b in self._unused_bytes) and self.rank == 0:
+        if model is None or not getattr(model, "find_unused_parameters", False) or not hasattr(model, "reducer"):
+            return
+        if self._synced_since_build:
+            self._sample_find(model)
+        import torch
+        import torch.distributed as dist
+
+        saw = torch.tensor([int(self._find_saw_unused), int(self._find_samples == 0)], dtype=torch.int32)
+        if self.backend is Backend.nccl:
+            saw = saw.cuda()
+        dist.all_reduce(saw, op=dist.ReduceOp.MAX, group=getattr(model, "process_group", None))
+        if not bool(saw.any()) and self.rank == 0:
             self.log.warning(
-                "find_unused_parameters=True found no unused parameters in the steps DDP sampled: "
-                "ddp=strict would be faster, or ddp=auto to let the probe decide."
+                "find_unused_parameters=True: no rank left a parameter unused in any step of this run, so DDP's "
+                "search after every forward found nothing: ddp=strict would be faster (or ddp=auto, which decides "
+                "from the first steps)."
             )
+
+    def release(self) -> None:
+        """Take every hook of the engine off the wrapper and the optimizers, and let go of the wrapper."""
+        self._unhook()
+        if self.steps is not None:
+            self.steps.remove()
+            self.steps = None
+        if self._every_steps_hook is not None:
+            self._every_steps_hook.remove()
+            self._every_steps_hook = None
+        self.ddp_model = None
 
     def set_step(self, step: int) -> None:
         if self.steps is not None:
@@ -240,7 +430,7 @@ class Engine:
         report = compare(self.ddp_model.module, left_out_by_us=self.left_out_spellings,
                          group=getattr(self.ddp_model, "process_group", None))  # fmt: skip
         if not report.equal:
-            raise ReplicasDiffer(failure_message(report, when), list(report.params_differ))
+            raise ReplicasDiffer(failure_message(report, when, self.frozen_since_build()), list(report.params_differ))
         if self.rank == 0:
             self.log.info("replicas equal %s: %d parameters and buffers compared across %d ranks", when,
                           report.compared - len(report.buffers_differ), self.world_size)  # fmt: skip
@@ -273,18 +463,81 @@ class Engine:
 
         self._every_steps_hook = register_optimizer_step_post_hook(after_step)
 
+    # --- what a failure message needs ------------------------------------------------------------------
+
+    def frozen_since_build(self) -> list[str]:
+        """Parameters the reducer holds that are frozen now: requires_grad changed after DDP was built."""
+        if not self._trainable or self.ddp_model is None:
+            return []
+        by_id = {id(p): n for n, p in self.ddp_model.module.named_parameters()}
+        return [by_id.get(id(p), "?") for p in self._trainable if not p.requires_grad]
+
     def failure_context(self) -> dict[str, Any]:
-        """What a failure message needs to know about this run's choices: the step, and whether a probe decided."""
-        out: dict[str, Any] = {}
+        """What a failure message needs to know about this run: the step, what the first steps decided, facts."""
+        out: dict[str, Any] = {"preset": self.policy.unused_params.name, "probe_steps": self.policy.probe_steps,
+                               "order": list(self.order), "frozen_since_build": self.frozen_since_build(),
+                               "manual_optimization": self.manual_optimization}  # fmt: skip
         if self.steps is not None:
-            # DDP reports parameters a step left unused at the next step's forward (counted already), except
-            # the check right after step 1's backward.
-            out["step"] = self.steps.steps if self._checking_first_step else max(self.steps.steps - 1, 1)
-        if self.probe_result is not None and needs_probe(self.policy):
-            out["probe_steps"] = self.probe_result.steps
-            out["probe_choice"] = (self.probe_result.decision()[0].name if self.policy.unused_params is
-                                   UnusedParams.auto else "ignore")  # fmt: skip
+            # DDP reports parameters a step left unused before the next step's forward (counted already), or
+            # right after the backward of the step that left them.
+            out["step"] = self.steps.steps if self._checking else max(self.steps.steps - 1, 1)
+            out["accumulation"] = self.accumulation or self.steps.forwards > self.steps.steps
+        out["accumulation"] = out.get("accumulation", False) or self.accumulation
+        observation = self.observation
+        if observation is not None:
+            out["observed_steps"] = observation.steps
+            out["chosen"] = self.decision.choice.name if self.decision is not None else ""
+            out["changed"] = observation.changed
+            out["accumulation"] = out["accumulation"] or observation.accumulation
+        out["reentrant"] = self.reentrant or bool(observation is not None and observation.reentrant)
         return out
+
+
+class _FirstStepCheck:
+    """After the first synchronised backward of a freshly built strict reducer, at the end of that backward (after
+    DDP's own end of backward): has the reducer finished? If not, DDP's error with the names, at step 1."""
+
+    def __init__(self, model: Any, check: Any):
+        import weakref
+
+        self._model = weakref.ref(model)
+        self._check = check
+        self._done = False
+        self._queued = False
+        self._handle = model.register_forward_hook(self._after_forward)
+
+    def _after_forward(self, model: Any, _args: Any, output: Any) -> Any:
+        import torch
+
+        if self._done or not torch.is_grad_enabled() or not model.require_backward_grad_sync:
+            return None
+        from . import backward
+
+        self.remove()
+        output, tensors = backward.attach(output, self._reached)
+        return output if tensors else None
+
+    def _reached(self) -> None:
+        from . import backward
+
+        if not self._queued:
+            self._queued = True
+            backward.after_ddp(self._run)
+
+    def _run(self) -> None:
+        model = self._model()
+        if model is not None:
+            self._check(model)
+
+    def remove(self) -> None:
+        self._done = True
+        self._handle.remove()
+
+
+def _grouped(names: list[str]) -> dict[str, list[str]]:
+    from .diagnose import group_by_module
+
+    return group_by_module(names)
 
 
 def describe_ddp(model: Any) -> dict[str, Any]:

@@ -136,8 +136,8 @@ def run_worker(spec: WorkerSpec, exits: bool = False) -> Outcome:
             summary = adapter.run(ctx)
             save_replica_for_test(ctx)
             ctx.engine.after_run()
-            if ctx.engine.probe_result is not None:
-                summary = {**(summary or {}), "probe_s": round(ctx.engine.probe_result.seconds, 2)}
+            if ctx.engine.observation is not None:
+                summary = {**(summary or {}), "observed_s": round(ctx.engine.observation.seconds, 2)}
         except ProbeDone as done:
             summary = {"probe": done.result}
         outcome = Outcome(spec.rank, True, summary=summary or {})
@@ -146,13 +146,16 @@ def run_worker(spec: WorkerSpec, exits: bool = False) -> Outcome:
         # The traceback goes to this rank's log file only; the launcher prints one explanation for all ranks.
         with open(Path(spec.run_dir) / f"rank{spec.rank}.log", "a") as f:
             f.write(tb)
-        diagnosis = diagnose(exc, spec.rank, ctx and ctx.ddp_model, tb)
+        context: dict[str, Any] = {}
         if ctx is not None:
             try:
-                for key, value in ctx.engine.failure_context().items():
-                    setattr(diagnosis, key, value)
+                context = ctx.engine.failure_context()
             except Exception:  # the context only sharpens the advice; never lose the failure itself
                 log.debug("no failure context", exc_info=True)
+        diagnosis = diagnose(exc, spec.rank, ctx and ctx.ddp_model, tb, order=context.get("order"))
+        for key, value in context.items():
+            if key != "order" and hasattr(diagnosis, key):
+                setattr(diagnosis, key, value)
         outcome = Outcome(spec.rank, False, diagnosis=diagnosis)
     _teardown(ctx, outcome.ok, exits)
     return outcome
@@ -212,7 +215,7 @@ def _teardown(ctx: Any, ok: bool, exits: bool = False) -> None:
     and the gloo threads get a moment to let go of theirs first.
     """
     if ctx is not None:
-        ctx.ddp_model = None
+        ctx.engine.release()
     gc.collect()
     try:
         import time

@@ -7,8 +7,9 @@ its defaults. Two traps it sets on a machine without a GPU, both refused here: `
 ``DistributedType.NO``: two unsynchronised trainings that exit 0.
 
 The model and data are any callables named by ``_target_`` under framework=torch's contract (dict batches;
-``model(**batch)`` returns the loss or a dict with ``"loss"``, which a Hugging Face output is). For auto and
-ignore the probe runs on the model before ``accelerator.prepare`` wraps it, so the ignore list applies.
+``model(**batch)`` returns the loss or a dict with ``"loss"``, which a Hugging Face output is). The wrapper
+``accelerator.prepare`` builds is handed to the engine before the first step: auto decides from the loop's own
+first steps, with Accelerate's own sharding, accumulation and mixed precision.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class AccelerateAdapter(Adapter):
 
         from ..building import build, cycle
         from ..loop import loss_of
-        from .hf_parts import check_distributed, check_wrapped, probe_loader, set_rank_environment
+        from .hf_parts import check_distributed, check_wrapped, set_rank_environment
 
         set_rank_environment(ctx)
         from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -115,14 +116,9 @@ class AccelerateAdapter(Adapter):
                             num_workers=memory.get("DataLoader.num_workers", 0),
                             pin_memory=memory.get("DataLoader.pin_memory", False))  # fmt: skip
 
-        def probe_step(batch: dict) -> None:
-            loss_of(model(**{k: v.to(ctx.device) for k, v in batch.items()})).backward()
-
-        probe_batches = cycle(probe_loader(data, memory["DataLoader.batch_size"], ctx, fw.seed))
-        decided = ctx.resolve_unused_params(model, probe_batches, probe_step) or {}
         settings = ctx.native.settings
-        handler = DistributedDataParallelKwargs(**{**settings["kwargs_handlers"]["DistributedDataParallelKwargs"],
-                                                   **handler_kwargs(decided)})  # fmt: skip
+        handler = DistributedDataParallelKwargs(**settings["kwargs_handlers"]["DistributedDataParallelKwargs"])
+        ctx.training_facts(accumulation=fw.gradient_accumulation_steps > 1)
         accelerator = Accelerator(cpu=settings["cpu"], kwargs_handlers=[handler],
                                   gradient_accumulation_steps=fw.gradient_accumulation_steps,
                                   mixed_precision=memory.get("Accelerator.mixed_precision"))  # fmt: skip

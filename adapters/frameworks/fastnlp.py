@@ -151,7 +151,6 @@ class FastNLPAdapter(Adapter):
             warnings.simplefilter("ignore", UserWarning)
             from fastNLP import Trainer
 
-        from ..building import cycle
         from ..demo import SyntheticTokens, TextClassifier
 
         fw = ctx.framework
@@ -168,13 +167,7 @@ class FastNLPAdapter(Adapter):
         outside = "outside_ddp_kwargs" in ctx.native.settings
         model.to(ctx.device)
 
-        def probe_step(batch: dict) -> None:
-            model(**{k: v.to(ctx.device) for k, v in batch.items()})["loss"].backward()
-
-        # fastNLP's own driver wraps the model in a _DDPWrappingModel, whose parameter names differ: there,
-        # parameters unused everywhere are handled with static_graph instead of DDP's ignore list.
-        decided = ctx.resolve_unused_params(model, cycle(loader), probe_step, can_ignore=outside) or {}
-        ddp_args = {**ctx.native.settings["trainer_kwargs"]["torch_kwargs"]["ddp_kwargs"], **decided}
+        ddp_args = dict(ctx.native.settings["trainer_kwargs"]["torch_kwargs"]["ddp_kwargs"])
         trainer_args["torch_kwargs"] = {"ddp_kwargs": ddp_args}
         if outside:
             model = ctx.track_ddp(DistributedDataParallel(model, **ddp_args))
@@ -188,7 +181,7 @@ class FastNLPAdapter(Adapter):
                                                 save_object="trainer"))  # fmt: skip
         trainer = Trainer(model=model, optimizers=optimizer, train_dataloader=loader, n_epochs=fw.n_epochs,
                           progress_bar=fw.progress_bar, callbacks=callbacks, **trainer_args)  # fmt: skip
-        if ctx.ddp_model is None:  # fastNLP wrapped it (nccl path)
+        if ctx.ddp_model is None:  # fastNLP wrapped it (nccl path), in a _DDPWrappingModel of its own
             ctx.track_ddp(trainer.driver.model)
         # fastNLP's driver SIGKILLs every other rank when one raises, before they can say why; the launcher
         # stops them itself, after each had the chance to report.

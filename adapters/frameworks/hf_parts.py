@@ -51,14 +51,6 @@ def buffer_note(policy: DDPPolicy, where: str) -> tuple[str, ...]:
     return ()
 
 
-def probe_loader(data: Any, batch_size: int, ctx: Any, seed: int, collate_fn: Any = None) -> Any:
-    """The probe's batches: this rank's share of the data, shuffled as a training run's first steps are."""
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    sampler = DistributedSampler(data, ctx.world_size, ctx.rank, shuffle=True, seed=seed, drop_last=True)
-    return DataLoader(data, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=collate_fn)
-
-
 def refuse_unsupported(policy: DDPPolicy, framework: str, supported: tuple[str, ...], where: str) -> None:
     """A DDP setting the framework has no place for is refused, naming it, the ones it has, and the way out."""
     from ..native import ddp_kwargs

@@ -5,25 +5,20 @@ Imported only in a rank (or by a user's own script through ``adapters.api.Policy
 by ``explain`` or the launcher.
 
 ``PolicyDDPStrategy`` is Lightning's own ``DDPStrategy`` (every DDP keyword it does not know goes to
-``DistributedDataParallel`` unchanged) with four additions, each at a point Lightning itself defines:
+``DistributedDataParallel`` unchanged) with three additions, each at a point Lightning itself defines:
 
-* ``_setup_model``: right before Lightning wraps the LightningModule in DDP, ``ddp=auto`` and ``ddp=ignore``
-  probe the real module on the run's first batches and put the never-used parameters on DDP's ignore list
-  (Lightning 2.x wraps the LightningModule itself, so the names are the module's own); the DDP wrapper built
-  is handed to the engine (its settings logged, its steps counted, what was left out guarded).
-* ``post_backward``: after the first backward, strict stops at step 1 with the parameters named.
+* ``_setup_model``: the DDP wrapper Lightning builds is handed to the engine (the policy applied to it in place:
+  ``ddp=auto`` decides from the first real steps of ``Trainer.fit``, with the Trainer attached and its counters
+  real; its settings logged, its steps counted, what was left out guarded), with what Lightning knows: gradient
+  accumulation and manual optimization.
+* ``post_backward``: after the first backward, the rank's garbage collector freeze (``first_step_done``).
 * ``on_exception``: Lightning replaces DDP's "Expected to have finished reduction" text with a hint of its own
   and drops the parameter indices; here DDP's own text stays, with the parameters' names and the fix added.
-
-(The probe's batches are the run's first ones from the loader Lightning would use, not yet split across the
-ranks: Lightning adds its distributed sampler later. A branch unused only on some ranks' data is caught by DDP
-itself or by the guard, not by the probe.)
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -40,7 +35,7 @@ class PolicyDDPStrategy(DDPStrategy):
     """Lightning's ``DDPStrategy`` with the DDP policy applied at Lightning's own points (see the module doc).
 
     ``hooks``: what applies the policy in this rank (``WorkerContext`` in ``train.py``, ``adapters.api.Policy``
-    in a user's script): ``resolve_unused_params``, ``track_ddp``, ``first_step_done``. None: a plain
+    in a user's script): ``track_ddp``, ``training_facts``, ``first_step_done``. None: a plain
     DDPStrategy with the given keywords, plus the named parameters on failure.
     """
 
@@ -56,12 +51,14 @@ class PolicyDDPStrategy(DDPStrategy):
         return dict(self._ddp_kwargs)
 
     def _setup_model(self, model: torch.nn.Module) -> Any:
+        ddp = super()._setup_model(model)
         hooks = self._hooks
         if hooks is not None:
-            decided = hooks.resolve_unused_params(model, _probe_batches(self), _probe_step(self, model))
-            self._ddp_kwargs = {**self._ddp_kwargs, **(decided or {})}
-        ddp = super()._setup_model(model)
-        if hooks is not None:
+            trainer = getattr(self.lightning_module, "_trainer", None)
+            accumulate = getattr(trainer, "accumulate_grad_batches", 1) if trainer is not None else 1
+            facts = getattr(hooks, "training_facts", None)
+            if facts is not None:
+                facts(accumulation=accumulate > 1, manual_optimization=not self.lightning_module.automatic_optimization)
             hooks.track_ddp(ddp)
         return ddp
 
@@ -76,63 +73,23 @@ class PolicyDDPStrategy(DDPStrategy):
         text = exception.args[0] if exception.args and isinstance(exception.args[0], str) else ""
         if REDUCTION_MARKER not in text or not isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
             return super().on_exception(exception)
+        if getattr(exception, "torch_text", None):  # the engine's own error: names and fixes are in it already
+            return None
         indices = unused_indices(text).get(self.global_rank, [])
-        order = reducer_parameter_names(self.model.module, getattr(self.model, "parameters_to_ignore", ()))
+        engine = getattr(self._hooks, "engine", None)
+        order = list(getattr(engine, "order", None) or [])  # the reducer's parameters as it was built
+        if not order:
+            order = reducer_parameter_names(self.model.module, getattr(self.model, "parameters_to_ignore", ()))
         names = [order[i] for i in indices if i < len(order)]
         if names:
             exception.args = (
                 f"{text}\nParameters that got no gradient on rank {self.global_rank}: {', '.join(names)}.\n"
-                "Fix: ddp=static (the same parameters unused in every step), ddp=safe (any pattern), or ddp=auto "
-                "(decides from a probe); by hand: DDPStrategy(static_graph=True) or "
-                "strategy='ddp_find_unused_parameters_true'.",
+                "Fix: ddp=auto (decides from the first steps), ddp=safe (any pattern; by hand: "
+                "strategy='ddp_find_unused_parameters_true'), or ddp=static if the same parameters are unused in "
+                "every step (DDPStrategy(static_graph=True)).",
                 *exception.args[1:],
             )
         return None
-
-
-def _probe_batches(strategy: PolicyDDPStrategy) -> Any:
-    """The run's own training batches, moved to the device as Lightning moves them. The DataModule's
-    ``setup('fit')`` has run when Lightning wraps the model."""
-    trainer = strategy.lightning_module.trainer
-    source = getattr(trainer.fit_loop, "_data_source", None)
-    if source is not None and source.is_defined():
-        loader = source.dataloader()
-    elif trainer.datamodule is not None:
-        loader = trainer.datamodule.train_dataloader()
-    else:
-        loader = strategy.lightning_module.train_dataloader()
-    from ..building import cycle
-
-    for batch in cycle(loader):
-        yield strategy.batch_to_device(batch)
-
-
-def _probe_step(strategy: PolicyDDPStrategy, module: pl.LightningModule) -> Any:
-    """One forward and backward of the module's own ``training_step``, outside Lightning's loop (no optimizer
-    step). ``self.log`` there does nothing: the module is detached from the Trainer while the probe runs."""
-
-    def step(batch: Any) -> None:
-        if not module.automatic_optimization:
-            from ..errors import ConfigError
-
-            raise ConfigError(
-                f"ddp=auto and ddp=ignore without names probe training_step, but {type(module).__name__} uses "
-                "manual optimization (automatic_optimization=False): its training_step steps the optimizer itself."
-                "\nFix: ddp=ignore with ddp.ignore=[<the parameters' names>], ddp=static or ddp=safe."
-            )
-        trainer = module._trainer
-        module._trainer = None
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*self.log.*")
-                out = module.training_step(batch, 0)
-        finally:
-            module._trainer = trainer
-        loss = out["loss"] if isinstance(out, dict) else out
-        if loss is not None:
-            loss.backward()
-
-    return step
 
 
 class ProgressLog(pl.Callback):

@@ -121,8 +121,6 @@ class MMDetAdapter(Adapter):
         import torch.distributed as dist
         from mmengine.runner import Runner
 
-        from ..building import cycle
-
         fw = ctx.framework
         cfg = _load(config_path(fw.config), fw.config)
         synthetic = fw.synthetic_data if fw.synthetic_data is not None else fw.config == DEMO_CONFIG
@@ -158,24 +156,11 @@ class MMDetAdapter(Adapter):
         elif fw.load_from is not None:
             cfg.resume, cfg.load_from = False, str(Path(fw.load_from).expanduser())
 
+        accumulate = int((cfg.get("optim_wrapper") or {}).get("accumulative_counts", 1) or 1)
+        ctx.training_facts(accumulation=accumulate > 1)
         runner = Runner.from_cfg(cfg)
-        ctx.track_ddp(runner.model)
+        ctx.track_ddp(runner.model)  # mmengine wrapped it in Runner.__init__; the engine works on that wrapper
         inner = runner.model.module
-
-        def probe_step(batch: Any) -> None:  # MMDistributedDataParallel.train_step without the optimizer
-            data = inner.data_preprocessor(batch, True)
-            loss, _ = inner.parse_losses(inner(**data, mode="loss"))
-            loss.backward()
-
-        decided = ctx.resolve_unused_params(inner, cycle(runner.train_loop.dataloader), probe_step)
-        if decided is not None:
-            # mmengine wrapped the model in Runner.__init__, before there was anything to probe; the
-            # optimizer is built later, in train(), so the wrapper can still be replaced.
-            cfg.model_wrapper_cfg = {**cfg.model_wrapper_cfg, **decided}
-            provisional, runner.model = runner.model, None
-            del provisional
-            runner.model = runner.wrap_model(dict(cfg.model_wrapper_cfg), inner)
-            ctx.track_ddp(runner.model)
         ctx.log.info("model_wrapper_cfg applied: %s", dict(cfg.model_wrapper_cfg))
         ctx.log.info("runner.model: %s, find_unused_parameters=%s", type(runner.model).__name__,
                      getattr(runner.model, "find_unused_parameters", "n/a"))  # fmt: skip

@@ -44,7 +44,7 @@ class PolicyMixin:
     overrides: dict[str, Any] = {}
     run_device: Any = None  # torch.device for this rank (cpu on gloo), or None to keep nnU-Net's choice
     pin_memory: bool | None = None  # the augmenter's pin_memory, or None for nnU-Net's choice
-    ctx: Any = None  # the rank's WorkerContext: its hooks track_ddp, resolve_unused_params, first_step_done
+    ctx: Any = None  # the rank's WorkerContext (or a user's adapters.api.Policy): track_ddp, first_step_done
 
     def _ddp(self, module: torch.nn.Module, device_ids: list[int] | None = None, **kwargs: Any) -> Any:
         from torch.nn.parallel import DistributedDataParallel
@@ -63,26 +63,6 @@ class PolicyMixin:
             setattr(self, name, value)
         with replaced(trainer_module, "DDP", self._ddp):
             super().initialize()
-
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        if not self.is_ddp:
-            return
-        inner = self.network.module
-
-        def probe_step(batch: dict) -> None:  # nnU-Net's train_step without autocast, scaler and optimizer
-            data = batch["data"].to(self.device, non_blocking=True)
-            target = batch["target"]
-            target = [t.to(self.device) for t in target] if isinstance(target, list) else target.to(self.device)
-            self.loss(inner(data), target).backward()
-
-        decided = self.ctx.resolve_unused_params(inner, iter(self.dataloader_train), probe_step)
-        if decided is not None:
-            # nnU-Net wrapped the network in initialize(), before there were batches to probe. The optimizer
-            # holds the same parameters, so only the wrapper is replaced.
-            self.ddp_kwargs = {**self.ddp_kwargs, **decided}
-            self.network = None
-            self.network = self._ddp(inner, device_ids=[self.local_rank])
 
     def train_step(self, batch: dict) -> dict:
         result = super().train_step(batch)

@@ -7,8 +7,9 @@ after every forward is paid by default. Here it is always written: False unless 
 
 The demo is a small BERT for masked-language modelling built from a config (random weights, no download), with
 its output layer tied to the word embeddings; ``framework.pooler=true`` keeps an encoder pooler the loss never
-uses. For auto and ignore the probe runs on the model before ``Trainer.train()`` wraps it (torch's ignore list
-set on the model is what the Trainer's DDP reads), tied parameters listed under every name they have.
+uses. The wrapper ``Trainer.train()`` builds is handed to the engine when training begins: auto decides from the
+Trainer's own first steps (its column removal, collator, loss and accumulation), tied parameters left out under
+every name they have.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from ..policy import Backend, DDPPolicy, MemoryPolicy, out_of_range
 from .hf_parts import (
     TRAINING_ARGUMENTS,
     buffer_note,
-    handler_kwargs,
     refuse_unsupported,
     training_arguments,
 )
@@ -148,12 +148,11 @@ class TransformersAdapter(Adapter):
     def run(self, ctx: WorkerContext) -> dict[str, Any]:
         import torch
 
-        from ..building import build, cycle
-        from ..loop import loss_of
-        from .hf_parts import probe_loader, set_rank_environment
+        from ..building import build
+        from .hf_parts import set_rank_environment
 
         set_rank_environment(ctx)
-        from transformers import Trainer, TrainingArguments, default_data_collator
+        from transformers import Trainer, TrainingArguments
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_default_handler()  # through the rank's own logging: rank 0's console, every rank's log
@@ -165,13 +164,7 @@ class TransformersAdapter(Adapter):
         data = build("framework.data", fw.data)
         batch_size = memory["TrainingArguments.per_device_train_batch_size"]
 
-        def probe_step(batch: dict) -> None:
-            loss_of(model(**{k: v.to(ctx.device) for k, v in batch.items()})).backward()
-
-        probe_batches = cycle(probe_loader(data, batch_size, ctx, fw.seed, default_data_collator))
-        decided = ctx.resolve_unused_params(model, probe_batches, probe_step) or {}
         native = dict(ctx.native.settings["TrainingArguments"])
-        native.update({TRAINING_ARGUMENTS[k]: v for k, v in handler_kwargs(decided).items()})
         extra = {
             item.name.removeprefix("TrainingArguments."): item.value for item in memory.items if not item.unchanged
         }
@@ -180,6 +173,7 @@ class TransformersAdapter(Adapter):
             logging_steps=fw.log_every, report_to="none", disable_tqdm=not ctx.is_main,
             **{**extra, **native, **dict(fw.args)},
         )  # fmt: skip
+        ctx.training_facts(accumulation=args.gradient_accumulation_steps > 1)
         built: list[Any] = []
         trainer = Trainer(model=model, args=args, train_dataset=data,
                           callbacks=[_policy_callback(ctx, batch_size, lambda: built[0])])  # fmt: skip
