@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+CODE = "in your code: "  # a fix that is not a command-line override
 _MAX_NAMES = 12  # more than this in a ddp.ignore=[...] override is unreadable: name the modules instead
 
 
@@ -65,7 +66,7 @@ def fixes(f: Facts) -> list[Fix]:
     out: list[Fix] = []
     changed = bool(f.changed) or f.ranks_differ
     later = f.step > 1  # a failure after step 1 under strict: earlier steps used these parameters
-    if f.kind == "unused_parameters" and later and f.preset == "strict":
+    if f.kind == "unused_parameters" and later:  # the first step used these parameters, or it would have stopped
         changed = True
     if f.kind == "graph_changed":
         changed = True
@@ -87,13 +88,13 @@ def fixes(f: Facts) -> list[Fix]:
         out.append(Fix(f"ddp.probe_steps={f.step}", f"ddp=auto then observes {f.step} steps, up to step {f.step} "
                        f"where this showed (it observed {f.observed_steps or f.probe_steps})."))  # fmt: skip
 
-    # ddp=static: the same parameters unused in every step, on every rank.
-    static_ok = (not changed and not f.manual_optimization and failed_setting != "static"
+    # ddp=static: the same parameters unused in every step, on every rank. One failing step cannot show that the
+    # set stays the same; only observed steps can (ddp=auto's, ddp=ignore's, the doctor's).
+    static_ok = (f.changed is False and not changed and not f.manual_optimization and failed_setting != "static"
                  and f.kind in ("unused_parameters", "ready_twice") and not f.frozen_since_build)  # fmt: skip
     if static_ok:
-        seen = " (in the observed steps they were)" if f.changed is False else ""
         out.append(Fix("ddp=static", "static_graph=True: holds when the same parameters are unused in every step "
-                       f"and on every rank{seen}."))  # fmt: skip
+                       f"and on every rank, as they were in the {f.observed_steps} observed steps."))  # fmt: skip
 
     # ddp=safe: any pattern, but not with reentrant checkpointing.
     if failed_setting != "safe" and not f.reentrant and f.kind in ("unused_parameters", "graph_changed",
@@ -101,16 +102,15 @@ def fixes(f: Facts) -> list[Fix]:
         out.append(Fix("ddp=safe", "find_unused_parameters=True: holds whatever changes between steps or ranks; "
                        "searches the autograd graph after every forward."))  # fmt: skip
 
-    # ddp=ignore with the names: any pattern, the guard keeping them in sync.
-    if f.unused and f.kind in ("unused_parameters", "graph_changed") and (changed or f.reentrant or later
-                                                                          or failed_setting == "static"):  # fmt: skip
+    # ddp=ignore with the names: any pattern of use of those parameters, the guard keeping them in sync. Not with
+    # manual optimization: each optimizer's backward leaves the other's parameters unused, all of them in turn.
+    if f.unused and f.kind in ("unused_parameters", "graph_changed") and not f.manual_optimization:
         out.append(Fix(_ignore_override(f.unused), "DDP leaves these out; whenever a rank does use one, its "
                        "gradient is averaged across ranks before anything reads it (the guard)."))  # fmt: skip
 
-    if f.kind == "ready_twice":
-        out.append(Fix("use_reentrant=False", "in torch.utils.checkpoint (OpenMMLab: with_cp stays, torch >= 2.4 "
-                       "passes it through checkpoint's kwargs): non-reentrant checkpointing works with every "
-                       "setting."))  # fmt: skip
+    if f.kind == "ready_twice" or (f.reentrant and f.kind == "unused_parameters"):
+        out.append(Fix(CODE + "use_reentrant=False", "in torch.utils.checkpoint(...): non-reentrant activation "
+                       "checkpointing works with every setting, ddp=safe included."))  # fmt: skip
     if f.kind == "ignored_got_grad":
         out.append(Fix("ddp.on_ignored_grad=sync", "the guard averages those gradients across ranks, as DDP would "
                        "have, and the run goes on (the default)."))  # fmt: skip

@@ -83,8 +83,8 @@ class Policy:
 
     def nnunet_trainer(self, trainer_class: type) -> type:
         """``trainer_class`` (nnUNetTrainer, a variant, or your own subclass) with the policy's DDP arguments,
-        under its own name, so nnU-Net's predictor finds what it trains. For auto and ignore the probe runs
-        before the first epoch, as in ``train.py``."""
+        under its own name, so nnU-Net's predictor finds what it trains. The DDP wrapper nnU-Net builds goes to
+        the engine, as in ``train.py``."""
         self._expect("nnunet")
         from .frameworks.nnunet import overrides
         from .frameworks.nnunet_trainer import with_policy
@@ -98,9 +98,9 @@ class Policy:
 
     def lightning_strategy(self, **kwargs: Any) -> Any:
         """``lightning.Trainer(strategy=...)``: Lightning's ``DDPStrategy`` (a subclass) with the preset's DDP
-        keywords and ``process_group_backend``; ``kwargs`` go to ``DDPStrategy`` too (and win). For auto and
-        ignore the probe runs on the real LightningModule and its training batches right before Lightning wraps
-        it; strict stops after the first backward; a DDP error names the parameters. Imports Lightning."""
+        keywords and ``process_group_backend``; ``kwargs`` go to ``DDPStrategy`` too (and win). The wrapper Lightning
+        builds goes to the engine (auto decides from the fit's first steps); strict stops after the first backward
+        that leaves a parameter unused; a DDP error names the parameters. Imports Lightning."""
         self._expect("lightning")
         from .frameworks.lightning_parts import PolicyDDPStrategy
 

@@ -73,7 +73,7 @@ def build(path: str, node: dict[str, Any], **offered: Any) -> Any:
 
 
 def cycle(iterable: Any) -> Any:
-    """Batches without end (the probe may want more steps than one pass has). A pass that yields nothing (data
+    """Batches without end (a loop that wants more steps than one pass has). A pass that yields nothing (data
     smaller than one batch, or sharded away) raises instead of looping for ever."""
     while True:
         empty = True

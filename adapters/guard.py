@@ -2,7 +2,7 @@
 
 ``ddp=ignore`` (and ``ddp=auto`` when it picks ignore) puts parameters on DDP's ignore list: DDP neither
 reduces their gradients nor broadcasts them. That is right while no rank uses them. If one does get a
-gradient on some rank (a branch the probe never saw run, a rarely routed expert, a name in ``ddp.ignore``
+gradient on some rank (a branch the first steps never saw run, a rarely routed expert, a name in ``ddp.ignore``
 that the model does use), that rank's optimizer would apply a gradient the others never see, and the
 replicas would drift apart without a word.
 
@@ -110,7 +110,7 @@ def _piggyback_hook(state, bucket):  # DDP checks a hook's argument names and an
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     guard = state.guard()
-    if guard is None or guard.removed or not bucket.is_last():
+    if guard is None or guard.removed or guard.exchange != "piggyback" or not bucket.is_last():
         return allreduce_hook(state.process_group, bucket)
     return guard._defer(bucket)
 
@@ -155,6 +155,7 @@ class IgnoredGradGuard:
         log: logging.Logger,
         flag_group: Any = None,
         exchange: str | None = None,
+        fixes: Callable[[int], str] | None = None,
     ):
         import torch
         import torch.distributed as dist
@@ -167,6 +168,7 @@ class IgnoredGradGuard:
         self.on_grad = on_grad
         self.why = why  # who left them out, e.g. "they are named in ddp.ignore"
         self.advice = advice  # the overrides that make the choice explicit
+        self.fixes = fixes  # step -> the fixes when the run stops (adapters.advice.render)
         self.log = log
         self.process_group = getattr(ddp, "process_group", None)
         self.flag_group = flag_group
@@ -191,7 +193,10 @@ class IgnoredGradGuard:
         self.exchange = exchange
         if exchange == "sink":
             self._handles.append(ddp.register_forward_hook(self._attach_sink, always_call=True))
-        elif exchange == "collective":
+        else:  # the first synchronised forward tells whether the model checkpoints reentrantly: then sink
+            self._first = ddp.register_forward_hook(self._look_at_graph, always_call=True)
+            self._handles.append(self._first)
+        if exchange == "collective":
             # A parameter DDP reduces tells that a backward runs. Without find_unused_parameters or a static
             # graph every one of them gets a gradient in every synchronised backward (DDP stops the run
             # otherwise), so two suffice; with them, any may be unused, so all of them are watched.
@@ -254,12 +259,30 @@ class IgnoredGradGuard:
     # --- collective: one small all-reduce of the flags -------------------------------------------------
 
     def _backward_running(self, _: Any) -> None:
-        if self._queued_at == self.counter.forwards:
+        if self._queued_at == self.counter.forwards or self.exchange != "collective":
             return
         import torch
 
         self._queued_at = self.counter.forwards  # once per backward; the next forward arms it again
         torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+
+    def _look_at_graph(self, ddp: Any, _args: Any, output: Any) -> Any:
+        import torch
+        from torch.utils._pytree import tree_leaves
+
+        from . import backward
+
+        if output is None or not torch.is_grad_enabled() or not ddp.require_backward_grad_sync:
+            return None
+        self._first.remove()
+        tensors = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        if not backward.uses_reentrant_checkpointing(tensors):
+            return None
+        # Gradient hooks queue their end-of-backward work on the current graph task, which for a checkpointed
+        # segment ends before the rest of the model has its gradients: from now on the outputs carry it.
+        self.exchange, self.exchange_reason = "sink", "reentrant activation checkpointing"
+        self._handles.append(ddp.register_forward_hook(self._attach_sink, always_call=True))
+        return self._attach_sink(ddp, _args, output)
 
     def _attach_sink(self, ddp: Any, _args: Any, output: Any) -> Any:
         import torch
@@ -337,8 +360,10 @@ class IgnoredGradGuard:
             lines.append(f"  {module}: {', '.join(leaves)}")
         if stopping:
             lines.append("The run stops before the optimizer step (ddp.on_ignored_grad=fail), so no rank applied "
-                         "a gradient the others did not.\nFix: ddp.on_ignored_grad=sync (the default: the guard "
-                         "averages their gradients across ranks, as DDP would, and the run goes on).")  # fmt: skip
+                         "a gradient the others did not.")  # fmt: skip
+            if self.fixes is not None:
+                lines.append(self.fixes(step))
+                return "\n".join(lines)
         else:
             lines.append("Their gradients were averaged across ranks before the optimizer step, as DDP would have "
                          "done, so the replicas stay equal (ddp.on_ignored_grad=sync; this is said once per "

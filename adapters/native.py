@@ -83,7 +83,7 @@ def ddp_kwargs(policy: DDPPolicy) -> dict[str, Any]:
     """DistributedDataParallel keyword arguments for a policy: only what the policy sets.
 
     Unset pass-through settings are left out so that each framework keeps its own default. For ``auto`` and
-    ``ignore`` the unused-parameter part is decided in each run (``unused.decide``).
+    ``ignore`` the unused-parameter part is decided in each run (``unused.decide``) and applied to the wrapper.
     """
     kwargs: dict[str, Any] = {}
     if policy.unused_params is UnusedParams.find:
@@ -136,11 +136,14 @@ def debug_env(policy: DDPPolicy, backend: Backend) -> tuple[dict[str, str], tupl
 def policy_notes(policy: DDPPolicy) -> tuple[str, ...]:
     """Why-lines every adapter shows for the run-time choices."""
     if policy.unused_params is UnusedParams.auto:
-        return ("ddp=auto: a probe of ddp.probe_steps forward/backward steps on every rank decides in each run: "
-                "strict (nothing added), ignore (DDP leaves the never-used parameters out, guarded in case a later "
-                "step uses them) or find_unused_parameters=True; the choice and its reason are logged.",)  # fmt: skip
+        return ("ddp=auto: the run's own first ddp.probe_steps training steps decide, on every rank (DDP's reducer "
+                "stands aside in them and their gradients are averaged as DDP averages them): strict (nothing "
+                "added), ignore (DDP leaves the never-used parameters out, guarded in case a later step uses them) "
+                "or find_unused_parameters=True, applied to the framework's own wrapper; the choice and its reason "
+                "are logged.",)  # fmt: skip
     if policy.unused_params is UnusedParams.ignore:
-        source = f"ddp.ignore={list(policy.ignore)}" if policy.ignore else "the probe (parameters no rank uses)"
+        source = (f"ddp.ignore={list(policy.ignore)}" if policy.ignore else
+                  "the first ddp.probe_steps training steps (parameters no rank uses)")  # fmt: skip
         return (f"ddp=ignore: DDP leaves out the parameters named by {source}. If one does get a gradient on "
                 "some rank, it is averaged across ranks before the optimizer step (ddp.on_ignored_grad=sync) or the "
                 "run stops (fail).",)  # fmt: skip

@@ -270,7 +270,7 @@ class FirstSteps:
         self._after_callback = not self._in_forward  # inside a forward, more backward passes may follow
         mine = self.used.clone()
         self.used.zero_()
-        counts = mine.to(self.device)
+        counts = mine.to(self.device, copy=True)  # all_reduce works in place: mine stays this rank's record
         dist.all_reduce(counts, group=self.group)
         counts = counts.cpu()
         self._average([p for p, c in zip(self.params, counts.tolist(), strict=True) if c > 0])

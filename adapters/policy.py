@@ -24,12 +24,12 @@ class UnusedParams(enum.Enum):
     strict = "strict"  # DDP's default: fastest; stops with "Expected to have finished reduction" if any are unused
     find = "find"  # find_unused_parameters=True: walks the autograd graph after every forward; always works
     static = "static"  # static_graph=True: learns the used set in step 1; the set must not change afterwards
-    ignore = "ignore"  # leave parameters unused everywhere out of DDP's reduction (named, or found by the probe)
-    auto = "auto"  # probe the model before training and pick the cheapest of strict, ignore and find
+    ignore = "ignore"  # leave parameters out of DDP's reduction (named, or unused in the first steps everywhere)
+    auto = "auto"  # decide from the run's own first steps: the cheapest of strict, ignore and find that holds
 
 
 class OnIgnoredGrad(enum.Enum):
-    """What happens when a parameter left out of DDP (by the probe or ddp.ignore) gets a gradient on some rank."""
+    """What happens when a parameter left out of DDP (by ddp=auto or ddp.ignore) gets a gradient on some rank."""
 
     sync = "sync"  # average its gradient across ranks before the optimizer step (as DDP would), log once, go on
     fail = "fail"  # stop the run on every rank before the optimizer step, naming the parameters
@@ -93,12 +93,12 @@ class DDPPolicy:
     # Any other DistributedDataParallel keyword argument, checked against its signature before launch.
     kwargs: Dict[str, Any] = field(default_factory=dict)
     # With ignore: parameter or module names to leave out of DDP (globs allowed, e.g. "decoder.seg_layers.*").
-    # Empty: the probe finds the parameters that no rank uses in any step.
+    # Empty: the parameters that no rank used in the first ddp.probe_steps training steps.
     ignore: List[str] = field(default_factory=list)
-    # auto, ignore without names, and `python -m adapters doctor`: forward/backward steps the probe runs
-    # on every rank before training (no optimizer step; weights, buffers and RNG restored afterwards).
+    # auto, ignore without names, and `python -m adapters doctor`: how many of the run's own first training steps
+    # decide (DDP's reducer stands aside in them, and their gradients are averaged as DDP averages them).
     probe_steps: int = 2
-    # When a parameter left out of DDP (by auto's probe, or named in ddp.ignore) gets a gradient on some
+    # When a parameter left out of DDP (by auto, or named in ddp.ignore) gets a gradient on some
     # rank: sync averages it across ranks before clipping, GradScaler or the optimizer read it, and logs once;
     # fail stops every rank before the optimizer step. Either way no rank applies a gradient alone.
     on_ignored_grad: OnIgnoredGrad = OnIgnoredGrad.sync

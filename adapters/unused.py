@@ -237,8 +237,16 @@ class Engine:
             self.guard = IgnoredGradGuard(
                 model, self.left_out, self.steps, on_grad=self.policy.on_ignored_grad, why=decision.why,
                 advice=decision.advice, log=self.log, flag_group=self._cpu_group(),
-                exchange="sink" if self.reentrant else None,
+                exchange="sink" if self.reentrant else None, fixes=self._guard_fixes,
             )  # fmt: skip
+
+    def _guard_fixes(self, step: int) -> str:
+        from .advice import Facts, render
+
+        context = self.failure_context()
+        return render(Facts(kind="ignored_got_grad", preset=context["preset"], probe_steps=self.policy.probe_steps,
+                            step=step, chosen=context.get("chosen", ""), reentrant=context["reentrant"],
+                            observed_steps=context.get("observed_steps", 0)))  # fmt: skip
 
     def _unhook(self) -> None:
         for hooked in (self.guard, self.steps, self.observer, self._first_check_armed):
@@ -313,7 +321,7 @@ class Engine:
                 f"{len(names)} parameters became trainable): the ranks cannot agree on what DDP reduces.\nFix: "
                 "change requires_grad at the same step on every rank."
             )
-        step = self.steps.steps + 1 if self.steps is not None else 0
+        step = self.steps.steps if self.steps is not None else 0
         lines = [f"{len(names)} parameter(s) were frozen (requires_grad=False) when DDP built its reducer and are "
                  f"trainable now, at training step {step}: requires_grad changed after the wrapper was built (a "
                  "fine-tuning callback that unfreezes them?). DDP would never have reduced their gradients and the "
@@ -336,7 +344,10 @@ class Engine:
     # --- strict: stop at the step that left parameters unused, with their names ------------------------
 
     def _arm_first_step_check(self, model: Any) -> None:
-        self._first_check_armed = _FirstStepCheck(model, self._check_finalized_after_step)
+        self._first_check_armed = _FirstStepCheck(model, self._check_finalized_after_step, self._saw_graph)
+
+    def _saw_graph(self, reentrant: bool) -> None:
+        self.reentrant = self.reentrant or reentrant
 
     def _check_finalized_after_step(self, model: Any) -> None:
         self._checking = True
@@ -497,11 +508,12 @@ class _FirstStepCheck:
     """After the first synchronised backward of a freshly built strict reducer, at the end of that backward (after
     DDP's own end of backward): has the reducer finished? If not, DDP's error with the names, at step 1."""
 
-    def __init__(self, model: Any, check: Any):
+    def __init__(self, model: Any, check: Any, saw_graph: Any):
         import weakref
 
         self._model = weakref.ref(model)
         self._check = check
+        self._saw_graph = saw_graph  # told whether the step's graph holds reentrant checkpointing
         self._done = False
         self._queued = False
         self._handle = model.register_forward_hook(self._after_forward)
@@ -515,6 +527,8 @@ class _FirstStepCheck:
 
         self.remove()
         output, tensors = backward.attach(output, self._reached)
+        if tensors:
+            self._saw_graph(backward.uses_reentrant_checkpointing(tensors))
         return output if tensors else None
 
     def _reached(self) -> None:

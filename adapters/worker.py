@@ -156,6 +156,8 @@ def run_worker(spec: WorkerSpec, exits: bool = False) -> Outcome:
         for key, value in context.items():
             if key != "order" and hasattr(diagnosis, key):
                 setattr(diagnosis, key, value)
+        if getattr(exc, "step", None):  # the engine's own errors know the step they stopped at
+            diagnosis.step = exc.step
         outcome = Outcome(spec.rank, False, diagnosis=diagnosis)
     _teardown(ctx, outcome.ok, exits)
     return outcome

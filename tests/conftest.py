@@ -36,6 +36,7 @@ def run(cmd: list[str], cwd: Path, timeout: float = 240, env: dict | None = None
     replica check, which is on by default and fails the run).
     """
     env = {k: v for k, v in {**ENV, **(env or {})}.items() if v is not None}  # None: unset it
+    Path(cwd).mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode == 0:
         for folder in {p.parent for p in Path(cwd).rglob("replica_rank*.json")}:

@@ -1,7 +1,7 @@
 """Never wrong in silence: parameters left out of DDP stay in sync, and the replicas are compared.
 
-End to end with framework=torch (real DDP, 2 processes, gloo): a branch the probe never saw run, by a step
-counter and by a seeded random skip; a tied parameter left out; a used parameter named in ddp.ignore; a
+End to end with framework=torch (real DDP, 2 processes, gloo): a branch ddp=auto's observed first steps never
+saw run, by a step counter and by a seeded random skip; a tied parameter left out; a used parameter named in ddp.ignore; a
 model that changes its own weights on one rank; a later miss after auto chose strict. Then the guard alone,
 with real DDP in two processes: its gradients equal DDP's own averaging with gradient accumulation, a
 GradScaler and gradient clipping, and ddp.on_ignored_grad=fail stops before the optimizer step.
@@ -46,10 +46,10 @@ def only_run_dir(workdir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("branch", ["step counter", "seeded random skip"])
-def test_a_branch_the_probe_missed_is_synchronised_and_the_replicas_stay_equal(workdir, branch):
-    if branch == "step counter":  # forwards 1-2 are the probe's; the branch runs from training step 3 on
+def test_a_branch_the_first_steps_missed_is_synchronised_and_the_replicas_stay_equal(workdir, branch):
+    if branch == "step counter":  # steps 1-2 decide; the branch runs from training step 5 on
         model = ["+framework.model.unused=late", "+framework.model.late_from=5"]
-    else:  # LayerDrop-like: skipped in both probe steps on both ranks, used later on some rank
+    else:  # LayerDrop-like: skipped in both observed steps on both ranks, used later on some rank
         model = ["+framework.model.unused=random", "+framework.model.use_p=0.25",
                  f"+framework.model.seed={random_use_seed(0.25)}"]  # fmt: skip
     proc = train(workdir, *USER, *model)  # ddp=auto, the default
@@ -60,7 +60,7 @@ def test_a_branch_the_probe_missed_is_synchronised_and_the_replicas_stay_equal(w
     assert all(digests[0][n] != before[n] for n in AUX), "the branch trained: its parameters moved"
     warning = proc.stdout.split("left out of DDP got a gradient in training step ")[1]
     if branch == "step counter":
-        assert warning.startswith("3, on 2 of 2 ranks")
+        assert warning.startswith("5, on 2 of 2 ranks")
     assert "aux.proj: aux.proj.weight, aux.proj.bias" in warning and "ddp=safe" in warning
     assert "ddp.probe_steps" in warning
 
@@ -71,8 +71,8 @@ def test_fail_instead_stops_before_the_optimizer_step(workdir):
                  "ddp.on_ignored_grad=fail")  # fmt: skip
     assert proc.returncode == 1, output(proc)
     err = proc.stderr
-    assert "5 parameter(s) left out of DDP got a gradient in training step 3, on 2 of 2 ranks" in err
-    assert "The run stops before the optimizer step" in err
+    assert "5 parameter(s) left out of DDP got a gradient in training step 5, on 2 of 2 ranks" in err
+    assert "The run stops before the optimizer step" in err and "ddp.on_ignored_grad=sync" in err
     assert "aux.proj: aux.proj.weight, aux.proj.bias" in err and "ddp=safe" in err
     assert "Traceback" not in err
 
@@ -115,21 +115,21 @@ def test_replicas_are_checked_every_n_steps_when_asked(workdir):
     proc = train(workdir, *USER, "+framework.model.unused=none", "+framework.model.perturb_on_rank=1",
                  "+framework.model.perturb_at=5", "ddp.check_replicas_every=2")  # fmt: skip
     assert proc.returncode == 1, output(proc)
-    # forward 5 is training step 3 (after the probe's 2): the step-4 check sees it, before the run ends
-    assert "The replicas differ after optimizer step 4" in proc.stderr
+    # forward 5 is training step 5: the step-6 check sees it, before the run ends
+    assert "The replicas differ after optimizer step 6" in proc.stderr
 
 
 @pytest.mark.slow
-def test_a_later_miss_after_auto_chose_strict_says_the_probe_decided(workdir):
+def test_a_later_miss_after_auto_chose_strict_says_the_first_steps_decided(workdir):
     proc = train(workdir, *USER, "+framework.model.unused=until", "+framework.model.late_from=5")
     assert proc.returncode == 1, output(proc)
     err = proc.stderr
-    assert "before training it ran 2 forward/backward step(s), saw every parameter used in every step, and chose " \
-           "strict" in err  # fmt: skip
-    assert "got no gradient in training step 3" in err
+    assert "ddp=auto decided this from the first 2 training step(s): it saw every parameter used in every step, " \
+           "and chose strict" in err  # fmt: skip
+    assert "got no gradient in training step 5" in err
     advice = err.split("Fix it on the command line:")[1].split("torch's original error")[0]
-    assert "ddp=safe" in advice and "ddp.probe_steps=N" in advice
-    assert "ddp=auto" not in advice and "ddp=static" not in advice, "never the setting that just failed"
+    assert "ddp=safe" in advice and "ddp.probe_steps=5" in advice
+    assert "ddp=auto " not in advice and "ddp=static" not in advice, "never the setting that just failed"
 
 
 @pytest.mark.slow
@@ -137,8 +137,8 @@ def test_doctor_recommends_a_wrapper_that_works_for_a_tied_parameter(workdir):
     proc = run([sys.executable, "-m", "adapters", "doctor", *USER, "+framework.model.unused=aux"], workdir)
     assert proc.returncode == 0, output(proc)
     assert "Recommended: ddp=ignore" in proc.stdout
-    assert "A branch used later" in proc.stdout, "says what the probe cannot see"
-    # and what it recommends, built: ddp=ignore from the probe trains (exit 0, replicas equal)
+    assert "A branch used later" in proc.stdout, "says what the first steps cannot show"
+    # and what it recommends, built: ddp=ignore from the first steps trains (exit 0, replicas equal)
     proc = train(workdir, *USER, "+framework.model.unused=aux", "ddp=ignore")
     assert proc.returncode == 0, output(proc)
 
@@ -183,8 +183,8 @@ def _train(rank: int, ddp_kwargs: dict, guarded: bool, scaler: bool, on_grad: st
     """6 optimizer steps of 2 micro-batches each (the first under no_sync), clipping, optionally a GradScaler;
     aux is used on rank 1 only, in some micro-batches."""
     from adapters.guard import IgnoredGradGuard, StepCounter
+    from adapters.ignorelist import set_ignored
     from adapters.policy import OnIgnoredGrad
-    from adapters.probe import set_ignored
 
     torch.manual_seed(0)
     model = Branchy()
@@ -281,8 +281,8 @@ def _edge_worker(rank: int, port: int, results) -> None:
 
     from adapters import replicas
     from adapters.guard import IgnoredGradGuard, StepCounter
+    from adapters.ignorelist import set_ignored
     from adapters.policy import OnIgnoredGrad
-    from adapters.probe import set_ignored
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

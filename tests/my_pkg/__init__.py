@@ -27,6 +27,8 @@ class TrickyNet(nn.Module):
         seed: int = 0,
         perturb_on_rank: int = -1,
         perturb_at: int = 0,
+        checkpoint: str = "none",
+        unfreeze_at: int = 0,
     ):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(()))  # on the root module
@@ -53,6 +55,13 @@ class TrickyNet(nn.Module):
         self.generator = torch.Generator().manual_seed(seed + int(os.environ.get("RANK", "0")))
         # A model that changes its own weights on one rank (forward number perturb_at): the replicas differ.
         self.perturb_on_rank, self.perturb_at = perturb_on_rank, perturb_at
+        # "reentrant" / "plain": the inner blocks run under torch.utils.checkpoint(use_reentrant=True / False).
+        self.checkpoint = checkpoint
+        # The stem is frozen when the model is built (so when DDP wraps it) and trainable from forward number
+        # unfreeze_at on (set at the end of the forward before: between two steps, as a fine-tuning callback does).
+        self.unfreeze_at = unfreeze_at
+        if unfreeze_at:
+            self.stem.requires_grad_(False)
         self.steps = 0
 
     def forward(self, x, y):
@@ -67,21 +76,31 @@ class TrickyNet(nn.Module):
         if self.steps == self.perturb_at and rank == self.perturb_on_rank:
             with torch.no_grad():
                 self.head.weight.add_(1e-3)
-        h = self.blocks["inner"](self.stem(x) + self.frozen)
+        h = self.stem(x) + self.frozen
+        if self.checkpoint == "none":
+            h = self.blocks["inner"](h)
+        else:
+            from torch.utils.checkpoint import checkpoint
+
+            h = checkpoint(self.blocks["inner"], h, use_reentrant=self.checkpoint == "reentrant")
         h = self.reuse(h)
         loss = ((self.head(h).squeeze(-1) * self.scale - y) ** 2).mean()
         # "none": everything in the loss; "aux": the aux branch never is; "alternate": only in odd steps;
-        # "some_ranks": only on rank 0; "late" and "random": see __init__.
+        # "some_ranks": only on rank 0; "some_ranks_late": everywhere but on rank 1 from forward late_from on;
+        # "late" and "random": see __init__.
         if (
             self.unused == "none"
             or (self.unused == "alternate" and self.steps % 2)
             or (self.unused == "some_ranks" and rank == 0)
+            or (self.unused == "some_ranks_late" and (rank == 0 or self.steps < self.late_from))
             or (self.unused == "late" and self.steps >= self.late_from)
             or (self.unused == "until" and self.steps < self.late_from)
             or (self.unused == "random" and float(torch.rand((), generator=self.generator)) < self.use_p)
         ):
             p = self.aux["proj"](h)
             loss = loss + (self.aux["out"](p) + self.aux_tied(p)).pow(2).mean() * 1e-3
+        if self.unfreeze_at and self.steps == self.unfreeze_at - 1:
+            self.stem.requires_grad_(True)
         return {"loss": loss}
 
 

@@ -31,17 +31,13 @@ def main(presets: str, out: str, plain: bool) -> None:
         accelerator = Accelerator(kwargs_handlers=[policy.accelerate_kwargs_handler()])
         policy.check_accelerator(accelerator)  # raises: Accelerate set up no DDP here
         return
-    dist.init_process_group("gloo")  # ddp=auto probes before the Accelerator wraps the model
+    dist.init_process_group("gloo")
     rank = dist.get_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING)
     torch.manual_seed(0)
     model = tiny_bert(pooler=True)
     loader = DataLoader(SyntheticMLM(128), batch_size=8, shuffle=True, collate_fn=default_data_collator)
-
-    def step(batch: dict) -> None:
-        model(**batch).loss.backward()
-
-    kwargs = policy.prepare(model, itertools.cycle(loader), step)  # the team preset says ddp=auto
+    kwargs = policy.ddp_kwargs()  # the team preset says ddp=auto: decided from the loop's first steps
     accelerator = Accelerator(cpu=True, kwargs_handlers=[policy.accelerate_kwargs_handler(kwargs)])
     policy.check_accelerator(accelerator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -52,7 +48,7 @@ def main(presets: str, out: str, plain: bool) -> None:
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
-    policy.check_replicas()
+    policy.finish()
     from adapters.worker import save_replica_for_test  # the test suite's own digests (armed by its environment)
 
     save_replica_for_test(types.SimpleNamespace(ddp_model=ddp, run_dir=Path(out), rank=rank))

@@ -4,7 +4,6 @@ torchrun. The DDP policy comes from the team's preset through one library call (
     torchrun --standalone --nproc_per_node 2 fastnlp_own_script.py <team preset folder> <output folder>
 """
 
-import itertools
 import logging
 import sys
 import types
@@ -29,11 +28,8 @@ def main(presets: str, out: str) -> None:
     model = TextClassifier(aux_loss=False)  # the auxiliary head is left out of the loss: no gradient
     loader = DataLoader(SyntheticTokens(128), batch_size=16, shuffle=True, drop_last=True)
 
-    def step(batch: dict) -> None:
-        model(**batch)["loss"].backward()
-
-    ddp_kwargs = policy.prepare(model, itertools.cycle(loader), step)  # the team preset says ddp=auto
-    ddp = policy.track(DistributedDataParallel(model, **ddp_kwargs))
+    ddp_kwargs = policy.ddp_kwargs()
+    ddp = policy.track(DistributedDataParallel(model, **ddp_kwargs))  # the team preset says ddp=auto
     trainer = Trainer(
         model=ddp,
         driver="torch",
@@ -46,7 +42,7 @@ def main(presets: str, out: str) -> None:
     )
     trainer.driver._pids = None
     trainer.run()
-    policy.check_replicas()
+    policy.finish()
     from adapters.worker import save_replica_for_test  # the test suite's own digests (armed by its environment)
 
     save_replica_for_test(types.SimpleNamespace(ddp_model=ddp, run_dir=Path(out), rank=rank))

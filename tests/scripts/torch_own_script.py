@@ -28,17 +28,14 @@ def main(presets: str, out: str) -> None:
     data = SyntheticBlobs()
     loader = DataLoader(data, batch_size=8, sampler=DistributedSampler(data, world, rank, seed=0), drop_last=True)
 
-    def step(batch: dict) -> None:
-        model(**batch)["loss"].backward()
-
-    kwargs = policy.prepare(model, itertools.cycle(loader), step)  # the team preset says ddp=auto
-    ddp = policy.track(DistributedDataParallel(model, **kwargs))
+    kwargs = policy.ddp_kwargs()
+    ddp = policy.track(DistributedDataParallel(model, **kwargs))  # the team preset says ddp=auto
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     for batch in itertools.islice(loader, 6):
         optimizer.zero_grad()
         ddp(**batch)["loss"].backward()
         optimizer.step()
-    policy.check_replicas()
+    policy.finish()  # the replicas compared, the engine's hooks taken off
     from adapters.worker import save_replica_for_test  # the test suite's own digests (armed by its environment)
 
     save_replica_for_test(types.SimpleNamespace(ddp_model=ddp, run_dir=Path(out), rank=rank))
