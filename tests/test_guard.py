@@ -2,8 +2,8 @@
 
 End to end with framework=torch (real DDP, 2 processes, gloo): a branch ddp=auto's observed first steps never
 saw run, by a step counter and by a seeded random skip; a tied parameter left out; a used parameter named in
-ddp.ignore; a model that changes its own weights on one rank; a later miss after auto chose strict. Then the guard alone,
-with real DDP in two processes: its gradients equal DDP's own averaging with gradient accumulation, a
+ddp.ignore; a model that changes its own weights on one rank; a later miss after auto chose strict. Then the
+guard alone, with real DDP in two processes: its gradients equal DDP's own averaging with gradient accumulation, a
 GradScaler and gradient clipping, and ddp.on_ignored_grad=fail stops before the optimizer step.
 """
 
