@@ -257,7 +257,7 @@ def _context_lines(d: Diagnosis) -> list[str]:
             f"chose {d.chosen}. The parameters above got no gradient {step}, after those steps: the model's "
             "unused set changes from step to step."
         )
-    frozen = [n for n in d.frozen_since_build if n in set(d.unused)] or d.frozen_since_build
+    frozen = [n for n in d.frozen_since_build if n in set(d.unused)]  # requires_grad explains their missing gradient
     if frozen:
         lines.append(
             f"{len(frozen)} of the parameters DDP reduces were trainable when it built its reducer and are frozen "

@@ -112,7 +112,7 @@ class Observation:
         if choice is UnusedParams.ignore and not self.changed and not self.accumulation:
             preset = "ddp=ignore (or ddp=static)"
         lines = [
-            f"Observed: the first {self.steps} training step(s) on each of {self.world_size} rank(s), "
+            f"Observed: {self.what_was_observed()} on each of {self.world_size} rank(s), "
             f"{len(self.parameters)} parameters DDP reduces, {self.seconds:.2f} s.",
             *self.unused_lines(),
             f"Recommended: {preset}, because {reason}. ddp=auto picks it by itself.",
@@ -150,8 +150,12 @@ class Observation:
 
     def summary_line(self) -> str:
         choice, reason = self.decision()
-        return (f"ddp=auto chose {choice.name}: {reason} (observed: the first {self.steps} training step(s), "
-                f"{self.seconds:.2f} s)")  # fmt: skip
+        return f"ddp=auto chose {choice.name}: {reason} (observed: {self.what_was_observed()}, {self.seconds:.2f} s)"
+
+    def what_was_observed(self) -> str:
+        if self.backward_in_forward:  # manual optimization: each backward inside training_step is DDP's iteration
+            return f"the first {self.steps} synchronised backward passes, run inside the model's forward"
+        return f"the first {self.steps} training step(s)"
 
 
 class FirstSteps:

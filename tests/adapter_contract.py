@@ -28,7 +28,7 @@ PRESET_DDP_KWARGS = {
     "safe": {"find_unused_parameters": True},
     "static": {"static_graph": True},
     "debug": {"find_unused_parameters": True},
-    # decided in each run by the probe (or ddp.ignore); nothing fixed at translation time
+    # decided in each run from its first steps (or ddp.ignore); nothing fixed at translation time
     "auto": {},
     "ignore": {},
 }

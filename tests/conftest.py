@@ -134,3 +134,65 @@ def wait_gone(pids: list[int], within: float = 10.0) -> list[int]:
     while alive(pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     return alive(pids)
+
+
+def offered_fixes(text: str, code_fixes: dict[str, list[str]] | None = None) -> list[list[str]]:
+    """The fixes a failure message lists under "Fix it on the command line:", as override lists; a fix given as
+    code ("in your code: ...") is mapped through ``code_fixes`` to the same change made to a test model."""
+    import re
+    import shlex
+
+    from adapters.advice import CODE
+
+    block = text.split("Fix it on the command line:\n", 1)[1]
+    found = []
+    for line in block.splitlines():
+        if not line.startswith("  ") or not line.strip():
+            break
+        override = re.split(r"\s{2,}", line.strip(), maxsplit=1)[0]
+        if override.startswith(CODE):
+            found.append((code_fixes or {})[override.removeprefix(CODE)])
+        else:
+            found.append(shlex.split(override))
+    return found
+
+
+def assert_every_fix_trains(workdir: Path, failing: subprocess.CompletedProcess, base: list[str], model: list[str],
+                            *, code_fixes: dict | None = None, **kwargs) -> list[list[str]]:  # fmt: skip
+    """Run ``base + model + fix`` for every fix ``failing``'s message offers; each must train (exit 0, replicas
+    equal). A fix's overrides replace the model's overrides of the same key. Returns the fixes."""
+    found = offered_fixes(failing.stderr, code_fixes)
+    assert found, failing.stderr
+    for i, fix in enumerate(found):
+        keys = {o.lstrip("+").split("=", 1)[0] for o in fix}
+        kept = [o for o in model if o.lstrip("+").split("=", 1)[0] not in keys]
+        done = train(workdir / f"fix{i}", *base, *kept, *fix, **kwargs)
+        assert done.returncode == 0, f"the offered fix {fix} fails:\n{output(done)}"
+    return found
+
+
+def assert_same_training(workdir: Path, a: list[str], b: list[str], **kwargs) -> tuple[str, str]:
+    """Train with overrides ``a`` and with ``b``: both must exit 0 and end with bit-equal weights (rank 0's digest
+    of every parameter). Returns both runs' console output."""
+    first = train(workdir / "a", *a, **kwargs)
+    assert first.returncode == 0, output(first)
+    second = train(workdir / "b", *b, **kwargs)
+    assert second.returncode == 0, output(second)
+    [da], [db] = run_dirs(workdir / "a"), run_dirs(workdir / "b")
+    ra, rb = replica_digests(da)[0], replica_digests(db)[0]
+    differ = sorted(n for n in ra if ra[n] != rb.get(n))
+    assert not differ, f"the two trainings differ in {differ[:6]}"
+    return output(first), output(second)
+
+
+def auto_choice(text: str) -> list[str]:
+    """The overrides that set by hand what ddp=auto chose, read from its log lines."""
+    import re
+
+    chosen = re.search(r"ddp=auto chose (\w+):", text).group(1)
+    if chosen == "strict":
+        return ["ddp=strict"]
+    if chosen == "find":
+        return ["ddp=safe"]
+    left = [n for line in re.findall(r"DDP leaves out [^:]+: (.*)", text) for n in line.split(", ")]
+    return ["ddp=ignore", f"ddp.ignore=[{','.join(dict.fromkeys(left))}]"]

@@ -84,7 +84,7 @@ def test_ignore_with_names_and_globs(workdir):
     assert proc.returncode == 0, output(proc)
     [run_dir] = run_dirs(workdir)
     assert all("ignored=4" in log for log in rank_logs(run_dir))
-    assert "probe_s" not in proc.stdout, "named parameters need no probe"
+    assert "observed_s" not in proc.stdout, "named parameters need no observed steps"
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ def two_nodes(workdir: Path, *overrides: str, env: dict | None = None, timeout: 
     return [p.returncode for p in procs], ["".join(o) for o in outs], time.monotonic() - started
 
 
-# Two presets that build DDP differently (an ignore list chosen by the probe, static_graph) through two agents;
+# Two presets that build DDP differently (an ignore list chosen by the first steps, static_graph) through two agents;
 # every preset trains on one machine in the other test files.
 @pytest.mark.parametrize("preset", ["auto", "static"])
 def test_two_nodes_through_the_rendezvous_train(workdir, preset):

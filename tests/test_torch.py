@@ -42,7 +42,7 @@ def test_strict_names_the_unused_parameters_and_the_fix(workdir):
     assert "heads.0 (ranks 0, 1): heads.0.weight, heads.0.bias" in err
     assert "heads.1 (ranks 0, 1): heads.1.weight, heads.1.bias" in err
     assert "heads.2" not in err.split("torch's original error")[0]
-    assert "ddp=static" in err and "ddp=safe" in err
+    assert "  ddp=auto  " in err and "  ddp=safe  " in err
     assert "torch's original error" in err and "Expected to have finished reduction" in err
     assert "Parameter indices which did not receive grad for rank 0: 20 21 22 23" in err
 

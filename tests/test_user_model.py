@@ -86,7 +86,7 @@ def test_static_graph_with_a_changing_graph_is_explained(workdir):
     proc = train(workdir, *USER, "+framework.model.unused=alternate", "ddp=static")
     assert proc.returncode == 1, output(proc)
     assert "static_graph=True, but the set of parameters used changed" in proc.stderr
-    assert "Fix: ddp=safe" in proc.stderr
+    assert "  ddp=safe  " in proc.stderr.split("Fix it on the command line:")[1]
 
 
 @pytest.mark.slow

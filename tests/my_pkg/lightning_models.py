@@ -48,3 +48,74 @@ class KilledOnOneRank(DemoSegmenter):
         if self.global_rank == self.kill_rank and self.global_step == self.kill_step:
             os.kill(os.getpid(), signal.SIGKILL)
         return super().training_step(batch, batch_idx)
+
+
+class StepAware(DemoSegmenter):
+    """A module that reads its Trainer in training_step (``self.trainer`` exists only inside Lightning's loop) and
+    branches on ``global_step``: the demo's coarser heads join the loss only in odd optimizer steps, so the unused
+    set changes between steps. Run detached from the Trainer, ``self.trainer`` raises and ``global_step`` is 0."""
+
+    def training_step(self, batch, batch_idx):
+        assert self.trainer.max_steps > 0, "the Trainer is attached"
+        self.net.deep_supervision = self.global_step % 2 == 1
+        loss = self.net(**batch)["loss"]
+        self.log("loss", loss)
+        return loss
+
+
+class ToggledGAN(pl.LightningModule):
+    """A GAN with manual optimization and Lightning's own ``toggle_optimizer``: in each step the generator's
+    backward leaves the discriminator's parameters without a gradient (they are frozen while it runs), then the
+    discriminator's backward leaves the generator's."""
+
+    def __init__(self, noise: int = 8, width: int = 16, lr: float = 0.05) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.generator = nn.Sequential(nn.Linear(noise, width), nn.ReLU(), nn.Linear(width, 4))
+        self.discriminator = nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 1))
+        self.noise, self.lr = noise, lr
+
+    def training_step(self, batch, batch_idx):
+        (real,) = batch
+        opt_g, opt_d = self.optimizers()
+        z = torch.randn(len(real), self.noise, generator=torch.Generator().manual_seed(batch_idx + self.global_rank))
+        self.toggle_optimizer(opt_g)
+        fake = self.generator(z)
+        g_loss = nn.functional.softplus(-self.discriminator(fake)).mean()
+        opt_g.zero_grad()
+        self.manual_backward(g_loss)
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+        self.toggle_optimizer(opt_d)
+        d_loss = (nn.functional.softplus(-self.discriminator(real)).mean()
+                  + nn.functional.softplus(self.discriminator(self.generator(z).detach())).mean())  # fmt: skip
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+        self.untoggle_optimizer(opt_d)
+
+    def configure_optimizers(self):
+        return (torch.optim.SGD(self.generator.parameters(), lr=self.lr),
+                torch.optim.SGD(self.discriminator.parameters(), lr=self.lr))  # fmt: skip
+
+    def train_dataloader(self):
+        real = torch.randn(64, 4, generator=torch.Generator().manual_seed(0)) * 0.5 + 1.0
+        return DataLoader(TensorDataset(real), batch_size=8, shuffle=True)
+
+
+class FinetunedBackbone(DemoSegmenter):
+    """Lightning's own fine-tuning pattern: ``BackboneFinetuning`` freezes ``self.backbone`` before training (so
+    when DDP wraps the module) and unfreezes it at the start of epoch 1, adding it to the optimizer."""
+
+    def __init__(self, deep_supervision: bool = True, lr: float = 0.05) -> None:
+        super().__init__(deep_supervision=deep_supervision, lr=lr)
+        self.backbone = self.net.encoder
+
+    def configure_callbacks(self):
+        from lightning.pytorch.callbacks import BackboneFinetuning
+
+        return [BackboneFinetuning(unfreeze_backbone_at_epoch=1, lambda_func=lambda epoch: 1.0, verbose=False)]
+
+    def configure_optimizers(self):
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.SGD(trainable, lr=self.hparams.lr)

@@ -1,7 +1,7 @@
 """A user's own MMDetection detector, registered through ``custom_imports``: RetinaNet with an auxiliary head
-that a short probe before training sees unused, and later training steps use.
+that ddp=auto's observed first steps see unused, and later training steps use.
 
-``mode="late"``: the head's loss joins from the ``late_from``-th training forward on (a warm-up schedule).
+``mode="late"``: the head's loss joins from the ``late_from``-th training step on (a warm-up schedule).
 ``mode="random"``: it joins with probability ``use_p`` per forward, drawn from the detector's own generator
 seeded with ``seed + rank`` (as LayerDrop or expert routing would draw). The head's output convolution is
 tied to a second module (``aux_alias``), so its weight is one tensor under two names. Imported only in the
