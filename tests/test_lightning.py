@@ -150,6 +150,15 @@ def test_a_backbone_unfrozen_by_lightnings_own_finetuning_callback_is_reduced_fr
 
 @lightning
 @pytest.mark.slow
+def test_a_schedule_by_epochs_takes_effect(workdir):
+    proc = train(workdir, "framework=lightning", "framework.max_steps=null", "+framework.trainer.max_epochs=2",
+                 "+framework.data.size=64")  # fmt: skip
+    assert proc.returncode == 0, output(proc)
+    assert "finished: steps=4, epochs=2" in proc.stdout  # 64 samples / 2 ranks / 16 per step: 2 steps an epoch
+
+
+@lightning
+@pytest.mark.slow
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_static_graph_reaches_lightnings_ddp_with_and_without_gradient_accumulation(workdir, accumulate):
     # torch asserts (expect_autograd_hooks_) when a static graph's first iteration is a micro-step under no_sync
@@ -207,6 +216,8 @@ def test_a_users_own_lightning_script_takes_the_strategy_from_the_team_preset(wo
     ("framework.model._target_=my_pkg.nowhere.Module", "framework.model._target_=my_pkg.nowhere.Module cannot be"),
     ("framework.ckpt_path=/nowhere/last.ckpt", "framework.ckpt_path=/nowhere/last.ckpt: no such file"),
     ("framework.max_steps=0", "framework.max_steps"),
+    ("+framework.trainer.max_epochs=3", "framework.trainer.max_epochs=3 and framework.max_steps=20: Lightning stops at "
+                                        "whichever limit comes first"),
     ("+framework.trainer.log_every_n_steps=3", "framework.trainer.log_every_n_steps: use framework.log_every"),
     ("framework.ckpt_path=/x/epoch=0-step=6.ckpt", "Fix: quote the value, as one shell word: "
                                                    "'framework.ckpt_path=\"/x/epoch=0-step=6.ckpt\"'"),

@@ -49,6 +49,8 @@ def test_training_arguments_for_your_own_script():
                                          "DDP's 'gradient_as_bucket_view'"),
     ("+framework.args.report_to=wandb", "framework.args.report_to: the run reports to no tracker"),
     ("framework.resume_from_checkpoint=/nowhere", "not a checkpoint the Trainer wrote (no trainer_state.json"),
+    ("+framework.args.num_train_epochs=1", "framework.args.num_train_epochs=1 and framework.max_steps=20: the Trainer "
+                                           "trains max_steps whenever it is set"),
 ])  # fmt: skip
 def test_bad_options_name_the_key(workdir, override, words):
     proc = train(workdir, "framework=transformers", override)
@@ -126,6 +128,15 @@ def test_auto_is_the_run_of_the_setting_it_chose_through_the_trainers_own_input_
                                    [*model, "ddp=ignore", "ddp.ignore=[bert.pooler.dense]"])  # fmt: skip
     assert "ddp=auto chose ignore: the same 2 parameters got no gradient" in auto
     assert auto_choice(auto) == ["ddp=ignore", "ddp.ignore=[bert.pooler.dense.weight,bert.pooler.dense.bias]"]
+
+
+@transformers
+@pytest.mark.slow
+def test_a_schedule_by_epochs_takes_effect(workdir):
+    proc = train(workdir, "framework=transformers", "framework.max_steps=null", "+framework.args.num_train_epochs=1",
+                 "+framework.data.size=64")  # fmt: skip
+    assert proc.returncode == 0, output(proc)
+    assert "finished: steps=4" in proc.stdout  # 64 samples / 2 ranks / 8 per step: 4 steps in the one epoch
 
 
 @transformers

@@ -50,8 +50,9 @@ class LightningConfig:
     """The ``framework`` node for framework=lightning."""
 
     name: str = "lightning"
-    # Optimizer steps (Trainer(max_steps=...)); epochs follow from the data.
-    max_steps: int = 20
+    # Optimizer steps (Trainer(max_steps=...)); epochs follow from the data. null: no step limit, for a schedule by
+    # epochs (+framework.trainer.max_epochs=N); setting both is refused (Lightning stops at whichever comes first).
+    max_steps: Optional[int] = 20
     # Samples per process per step, handed to the DataModule when its constructor takes ``batch_size``.
     batch_size: int = 16
     # Handed to the module's constructor when it takes ``lr`` and the model node does not set it.
@@ -128,8 +129,15 @@ class LightningAdapter(Adapter):
         return lines
 
     def validate(self, fw: LightningConfig) -> None:
+        if fw.max_steps is not None and any(k in fw.trainer for k in ("max_epochs", "min_epochs", "max_time")):
+            key = next(k for k in ("max_epochs", "min_epochs", "max_time") if k in fw.trainer)
+            raise ConfigError(
+                f"framework.trainer.{key}={fw.trainer[key]} and framework.max_steps={fw.max_steps}: Lightning stops at "
+                f"whichever limit comes first, so framework.max_steps could cut the schedule short without a word.\n"
+                f"Fix: framework.max_steps=null to train by {key}, or drop framework.trainer.{key}."
+            )
         for key in ("max_steps", "batch_size", "log_every"):
-            if getattr(fw, key) < 1:
+            if getattr(fw, key) is not None and getattr(fw, key) < 1:
                 raise out_of_range(f"framework.{key}", getattr(fw, key), "it must be at least 1",
                                    f"framework.{key}=1 or more")  # fmt: skip
         if not fw.lr > 0:
@@ -190,7 +198,8 @@ class LightningAdapter(Adapter):
         extra.setdefault("enable_model_summary", ctx.is_main)
         trainer = pl.Trainer(
             accelerator=settings["accelerator"], devices=per_node, num_nodes=ctx.world_size // per_node,
-            strategy=strategy, max_steps=fw.max_steps, default_root_dir=str(ctx.run_dir),
+            strategy=strategy, max_steps=-1 if fw.max_steps is None else fw.max_steps,
+            default_root_dir=str(ctx.run_dir),
             logger=CSVLogger(str(ctx.run_dir), name="lightning_logs"), log_every_n_steps=fw.log_every,
             callbacks=[ProgressLog(ctx.log, fw.log_every, fw.max_steps)], **extra,
         )  # fmt: skip

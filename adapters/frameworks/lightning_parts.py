@@ -114,12 +114,12 @@ class ProgressLog(pl.Callback):
         first = first[0] if isinstance(first, (list, tuple)) else first
         self.samples += len(first) * trainer.world_size
         step = trainer.global_step
-        if trainer.is_global_zero and (step % self.every == 0 or step == self.total):
+        if trainer.is_global_zero and (step % self.every == 0 or step == self.total):  # total None: by epochs
             # manual optimization returns {}; a training_step may return None (the step skipped)
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
             shown = "n/a" if loss is None else f"{float(loss):.4f}"
             rate = self.samples / max(time.perf_counter() - self.started, 1e-9)
-            self.out.info("step %d/%d loss %s (%.0f samples/s)", step, self.total, shown, rate)
+            self.out.info("step %d/%s loss %s (%.0f samples/s)", step, self.total or "?", shown, rate)
 
 
 class RankEnvironment(ClusterEnvironment):

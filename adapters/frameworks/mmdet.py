@@ -41,9 +41,10 @@ class MMDetConfig:
     # (one class, boxes on noise), drop pretrained weights and set every num_classes to 1.
     # null: yes for the built-in config, no for your own (your data paths are used).
     synthetic_data: Optional[bool] = None
-    # Train this many iterations (IterBasedTrainLoop, no validation, constant learning rate).
-    # null keeps the config's own schedule.
-    max_iters: Optional[int] = 4
+    # Train this many iterations (IterBasedTrainLoop, no validation, constant learning rate), replacing the
+    # config's train_cfg. null: 4 on the synthetic data (a quick demo), the config's own schedule on your data (and
+    # whatever framework.cfg_options sets in train_cfg).
+    max_iters: Optional[int] = None
     # mmengine's work_dir; null: <run folder>/work_dir. One that holds an earlier training's checkpoints is
     # refused unless resume continues it.
     work_dir: Optional[str] = None
@@ -113,6 +114,7 @@ class MMDetAdapter(Adapter):
                 raise out_of_range(f"framework.{key}", value, "it must be at least 1 (or null: the config's own)",
                                    f"framework.{key}=1 or more")  # fmt: skip
         check_resume(framework_cfg)
+        check_cfg_options(framework_cfg)
         if framework_cfg.num_workers is not None and framework_cfg.num_workers < 0:
             raise out_of_range("framework.num_workers", framework_cfg.num_workers, "DataLoader workers per rank must "
                                "be 0 (load in the training process) or more", "framework.num_workers=0")  # fmt: skip
@@ -130,8 +132,12 @@ class MMDetAdapter(Adapter):
                 write_synthetic_coco(data_root, fw.num_images, fw.image_size, fw.seed)
             dist.barrier()  # the other ranks read what rank 0 wrote
             use_synthetic_data(cfg, data_root, fw.image_size)
-        if fw.max_iters is not None:
-            short_schedule(cfg, fw.max_iters)
+        iters = schedule_iters(fw, synthetic)
+        if iters is not None:
+            if not synthetic and ctx.is_main:
+                ctx.log.info("framework.max_iters=%d replaces the config's train_cfg (%s); framework.max_iters=null "
+                             "keeps it", iters, dict(cfg.get("train_cfg") or {}))  # fmt: skip
+            short_schedule(cfg, iters)
         loader = cfg.train_dataloader
         if fw.batch_size is not None:
             loader.batch_size = fw.batch_size
@@ -145,12 +151,12 @@ class MMDetAdapter(Adapter):
         if memory.get("optim_wrapper.type") == AMP:
             cfg.optim_wrapper.type = AMP
         loader.persistent_workers = loader.get("num_workers", 0) > 0 and loader.get("persistent_workers", False)
+        if fw.cfg_options:  # before the policy: the DDP switches are the policy's (validate refuses them here)
+            cfg.merge_from_dict(dict(fw.cfg_options))
         for line in ignored_settings(cfg, ctx.policy) + apply_policy(cfg, ctx.native, ctx.policy):
             ctx.log.warning(line)
         cfg.work_dir = fw.work_dir or str(ctx.run_dir / "work_dir")
         cfg.randomness = dict(seed=fw.seed)
-        if fw.cfg_options:
-            cfg.merge_from_dict(dict(fw.cfg_options))
         if fw.resume is not None:  # mmengine's own resume: load_from names the checkpoint, or None finds the latest
             cfg.resume, cfg.load_from = True, None if fw.resume == "auto" else str(Path(fw.resume).expanduser())
         elif fw.load_from is not None:
@@ -377,6 +383,60 @@ def check_resume(fw: MMDetConfig) -> None:
             "one would write its checkpoints over it.\nFix: framework.resume=auto to continue it, or another "
             "framework.work_dir (or leave it out: each run gets its own)."
         )
+
+
+# model_wrapper_cfg keys the DDP policy owns (ddp=..., ddp.*), and the top-level switch mmengine ignores once
+# model_wrapper_cfg is set (which this adapter always sets).
+_POLICY_KEYS = ("find_unused_parameters", "static_graph", "broadcast_buffers", "forward_sync_buffers", "bucket_cap_mb",
+                "gradient_as_bucket_view", "device_ids")  # fmt: skip
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": v}`` for a nested dict of cfg_options (keys may already be dotted)."""
+    out: dict[str, Any] = {}
+    for key, value in dict(node).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) or hasattr(value, "items"):
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def check_cfg_options(fw: MMDetConfig) -> None:
+    """cfg_options may not set what the DDP policy decides, and may not set a schedule framework.max_iters replaces."""
+    options = _flat(fw.cfg_options)
+    for key in options:
+        leaf = key.rsplit(".", 1)[-1]
+        if key.startswith("model_wrapper_cfg.") and leaf in _POLICY_KEYS:
+            raise ConfigError(
+                f"framework.cfg_options.{key}: the DDP policy decides model_wrapper_cfg.{leaf} (ddp=..., ddp.*); set "
+                f"here it would silently win over the preset.\nFix: remove it (~framework.cfg_options.{key}) and "
+                "choose the preset: ddp=safe for find_unused_parameters=True, ddp=static for static_graph=True, "
+                "ddp.bucket_cap_mb or ddp.broadcast_buffers for the others."
+            )
+        if key == "find_unused_parameters":
+            raise ConfigError(
+                "framework.cfg_options.find_unused_parameters: mmengine reads the top-level switch only when "
+                "model_wrapper_cfg is None, and the DDP policy always sets model_wrapper_cfg: it would be ignored.\n"
+                "Fix: remove it and choose the preset (ddp=safe for find_unused_parameters=True)."
+            )
+    schedule = sorted(k for k in options if k.startswith("train_cfg."))
+    if schedule and fw.max_iters is not None:
+        raise ConfigError(
+            f"framework.cfg_options sets {', '.join(schedule)}, and framework.max_iters={fw.max_iters} replaces the "
+            "config's train_cfg with an IterBasedTrainLoop of its own: framework.max_iters would win.\nFix: "
+            "framework.max_iters=null to train by the config's schedule with your train_cfg, or drop the train_cfg "
+            "options."
+        )
+
+
+def schedule_iters(fw: MMDetConfig, synthetic: bool) -> int | None:
+    """The iterations of the run's short schedule, or None to keep the config's train_cfg (and cfg_options')."""
+    if fw.max_iters is not None:
+        return fw.max_iters
+    touched = any(k.startswith("train_cfg.") for k in _flat(fw.cfg_options))
+    return 4 if synthetic and not touched else None
 
 
 def short_schedule(cfg: Any, max_iters: int) -> None:

@@ -55,8 +55,9 @@ class TransformersConfig:
     """The ``framework`` node for framework=transformers."""
 
     name: str = "transformers"
-    # Optimizer steps (TrainingArguments(max_steps=...)).
-    max_steps: int = 20
+    # Optimizer steps (TrainingArguments(max_steps=...)). null: the Trainer trains by epochs
+    # (+framework.args.num_train_epochs=N, its default 3); setting both is refused (max_steps would win).
+    max_steps: Optional[int] = 20
     # Samples per process per step (per_device_train_batch_size).
     batch_size: int = 8
     lr: float = 5e-4
@@ -114,8 +115,14 @@ class TransformersAdapter(Adapter):
         return lines
 
     def validate(self, fw: TransformersConfig) -> None:
+        if fw.max_steps is not None and "num_train_epochs" in fw.args:
+            raise ConfigError(
+                f"framework.args.num_train_epochs={fw.args['num_train_epochs']} and framework.max_steps="
+                f"{fw.max_steps}: the Trainer trains max_steps whenever it is set, and num_train_epochs would be "
+                "ignored.\nFix: framework.max_steps=null to train by epochs, or drop framework.args.num_train_epochs."
+            )
         for key in ("max_steps", "batch_size", "log_every"):
-            if getattr(fw, key) < 1:
+            if getattr(fw, key) is not None and getattr(fw, key) < 1:
                 raise out_of_range(f"framework.{key}", getattr(fw, key), "it must be at least 1",
                                    f"framework.{key}=1 or more")  # fmt: skip
         if not fw.lr > 0:
@@ -169,7 +176,8 @@ class TransformersAdapter(Adapter):
             item.name.removeprefix("TrainingArguments."): item.value for item in memory.items if not item.unchanged
         }
         args = TrainingArguments(
-            output_dir=str(ctx.run_dir / "trainer"), max_steps=fw.max_steps, learning_rate=fw.lr, seed=fw.seed,
+            output_dir=str(ctx.run_dir / "trainer"), max_steps=-1 if fw.max_steps is None else fw.max_steps,
+            learning_rate=fw.lr, seed=fw.seed,
             logging_steps=fw.log_every, report_to="none", disable_tqdm=not ctx.is_main,
             **{**extra, **native, **dict(fw.args)},
         )  # fmt: skip
