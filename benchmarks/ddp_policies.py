@@ -7,15 +7,15 @@ Two ranks (gloo on CPU; nccl when there is a GPU per rank) train two models:
 * ``deep MLP + unused head``: the same with an auxiliary head left out of the loss (strict cannot run).
 
 Each setting gets its own identically initialised copy and DDP wrapper; ``auto`` goes through the same
-code the adapters use (``WorkerContext.resolve_unused_params``: probe, decide, apply; then
-``WorkerContext.track_ddp``: the step counter and, when parameters are left out, the guard that keeps
-them in sync). ``auto, no guard`` is the same wrapper without ``track_ddp``'s hooks: the difference between
+code the adapters use (``WorkerContext.track_ddp``: its first steps decide, its reducer is rebuilt with the
+decision, the step counter and, when parameters are left out, the guard that keeps them in sync). ``auto, no
+guard`` is the wrapper auto decided on, built by hand, without the engine's hooks: the difference between
 the two is what the guard costs. Where the installed torch has DDP's ``skip_all_reduce_unused_params``
 (2.8 and later), ``static + skip_all_reduce_unused_params`` runs next to ``static``: whether skipping the
 reduction of the never-used parameters pays. The settings take turns in short timed blocks in a rotating order, so
 drift on the machine falls on all of them alike. The table gives each setting's median step time, the
 spread of its blocks (25th to 75th percentile), its ratio to the best hand-picked setting (the fastest of
-strict, find, static and ignore that works), the guard's cost, and the probe's cost in training steps.
+strict, find, static and ignore that works), the guard's cost, and what deciding cost, in training steps.
 
     python benchmarks/ddp_policies.py [--rounds 60] [--steps 10] [--layers 96] [--width 64]
 """
@@ -83,9 +83,9 @@ def _timed(ddp, opt, inputs, steps: int, cuda: bool) -> float:
     return elapsed.item() / steps
 
 
-def _auto(net, inputs, rank: int, world: int, cuda: bool, device) -> tuple[Any, dict, float, str]:
-    """ddp=auto through the adapters' own code: probe, decide, apply. Returns the context (its ``track_ddp``
-    adds the step counter and the guard), the DDP arguments, the probe's seconds and its choice."""
+def _auto(ddp, rank: int, world: int, cuda: bool, device) -> Any:
+    """ddp=auto through the adapters' own code: the wrapper handed to the engine (``WorkerContext.track_ddp``), which
+    decides from its first steps (run in the warm-up) and rebuilds its reducer. Returns the context."""
     from adapters.base import WorkerContext
     from adapters.native import NativeSettings
     from adapters.policy import Backend, DDPPolicy, UnusedParams
@@ -94,9 +94,8 @@ def _auto(net, inputs, rank: int, world: int, cuda: bool, device) -> tuple[Any, 
     policy = DDPPolicy(unused_params=UnusedParams.auto)
     ctx = WorkerContext(rank, rank, world, backend, str(device), Path("."), None, policy, NativeSettings("torch", {}),
                         logging.getLogger("bench"))  # fmt: skip
-    decided = ctx.resolve_unused_params(net, iter(inputs * 2), lambda batch: net(**batch).backward())
-    probe = ctx.engine.probe_result
-    return ctx, decided or {}, probe.seconds, probe.decision()[0].name
+    ctx.track_ddp(ddp)
+    return ctx
 
 
 def _collective_guard(ddp, ctx) -> None:
@@ -113,7 +112,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from adapters.probe import set_ignored
+    from adapters.ignorelist import set_ignored
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
@@ -129,7 +128,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
                "y": torch.randn(args.batch, generator=g).to(device)} for _ in range(4)]  # fmt: skip
     results = {}
     for scenario, unused_head in (("deep MLP, all used", False), ("deep MLP + unused head", True)):
-        models, probe_seconds, auto_choice = {}, 0.0, ""
+        models, observed_steps, auto_choice, ctx = {}, 0.0, "", None
         for name in [*HAND_PICKED, SKIP, "auto", NO_GUARD, COLLECTIVE]:
             if (name == "strict" and unused_head) or (name in (COLLECTIVE, SKIP) and not unused_head):
                 continue
@@ -137,21 +136,29 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
                 continue
             torch.manual_seed(0)
             net = _model(args.layers, args.width, unused_head).to(device)
-            kwargs, ctx = HAND_PICKED.get(name) or {}, None
+            kwargs = HAND_PICKED.get(name) or {}
             if name == SKIP:
                 kwargs = {"static_graph": True, "skip_all_reduce_unused_params": True}
             if name == "ignore" and unused_head:
                 set_ignored(net, [n for n, _ in net.named_parameters() if n.startswith("aux_head.")])
-            if name in ("auto", NO_GUARD, COLLECTIVE):
-                ctx, kwargs, seconds, auto_choice = _auto(net, inputs, rank, world, cuda, device)
-                if name == "auto":  # the probe of auto's own copy (the others run in a warmer process)
-                    probe_seconds = seconds
+            if name in (NO_GUARD, COLLECTIVE):  # what auto decided, built by hand: the same wrapper
+                decision = ctx.engine.decision
+                kwargs = {"find_unused_parameters": True} if decision.choice.name == "find" else {}
+                if decision.leave_out:
+                    set_ignored(net, list(decision.leave_out))
             ddp = DistributedDataParallel(net, device_ids=[rank] if cuda else None, **kwargs)
+            opt = torch.optim.SGD(ddp.parameters(), lr=1e-3)
             if name == "auto":
-                ctx.track_ddp(ddp)
+                ctx = _auto(ddp, rank, world, cuda, device)
+                # The first steps decide (probe_steps of them, with DDP's reducer standing aside), then one more
+                # rebuilds the reducer: their time over as many steady steps is what deciding costs.
+                first = _timed(ddp, opt, inputs, ctx.policy.probe_steps + 1, cuda) * (ctx.policy.probe_steps + 1)
+                steady = min(_timed(ddp, opt, inputs, 5, cuda) for _ in range(3))
+                observed_steps = first / steady - (ctx.policy.probe_steps + 1)
+                auto_choice = ctx.engine.decision.choice.name
             if name == COLLECTIVE:
                 _collective_guard(ddp, ctx)
-            models[name] = (ddp, torch.optim.SGD(ddp.parameters(), lr=1e-3))
+            models[name] = (ddp, opt)
         names = list(models)
         for name in names:  # warm up every wrapper (static_graph records its graph in step 1)
             _timed(*models[name], inputs, 3, cuda)
@@ -164,7 +171,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
                              "guard": _paired_cost(times["auto"], times[NO_GUARD]),
                              "collective": _paired_cost(times[COLLECTIVE], times[NO_GUARD]) if unused_head else None,
                              "skip": _paired_cost(times[SKIP], times["static"]) if SKIP in times else None,
-                             "probe_s": probe_seconds, "auto_choice": auto_choice}  # fmt: skip
+                             "observed_extra": observed_steps, "auto_choice": auto_choice}  # fmt: skip
         models.clear()
     if rank == 0:
         queue.put(results)
@@ -225,9 +232,8 @@ def table(results: dict, args: argparse.Namespace) -> str:
             median, low, high = row["skip"]
             lines.append(f"| {scenario} | step time of {SKIP} against static, paired per round | {median:+.2f}% "
                          f"({low:+.2f}% to {high:+.2f}%) | | |")  # fmt: skip
-        chosen = ms["auto"]
-        lines.append(f"| {scenario} | probe cost | {row['probe_s'] * 1000:.1f} ms | | "
-                     f"{row['probe_s'] * 1000 / chosen:.2f} training steps |")  # fmt: skip
+        lines.append(f"| {scenario} | deciding: the first steps and the rebuild, over as many steady steps | | | "
+                     f"{row['observed_extra']:+.2f} training steps |")  # fmt: skip
     lines.append("")
     lines.append("vs best hand-picked: steps/s of the setting divided by steps/s of the fastest of strict, find, "
                  "static, ignore (1.000x = as fast; below 1 = slower). The guard's cost: step time of auto over "

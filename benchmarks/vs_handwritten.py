@@ -3,7 +3,7 @@
 What a user would otherwise write: ``init_process_group``, the model, ``DistributedSampler`` and
 ``DataLoader``, ``DistributedDataParallel`` with the setting they picked, SGD with momentum, and a loss
 printed every ``log_every`` steps. Against it runs this project's own rank code (``adapters.worker.run_worker``,
-which runs ``TorchAdapter.run``: the probe for auto, the step counter, the guard against unsynchronised
+which runs ``TorchAdapter.run``: auto's observed first steps, the step counter, the guard against unsynchronised
 updates, the out-of-memory guard, the replica check at the end), from a config composed exactly as
 ``python train.py framework=torch ddp=<preset> ...`` composes it. Checkpoints and saving are off in both.
 

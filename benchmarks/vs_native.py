@@ -387,7 +387,7 @@ def main() -> None:
     print(
         "\nStart-up: from the rank's start of work (the interpreter and this script already loaded) to its first "
         "training step, rank 0, median: imports, building the model and data, the process group, and on our side "
-        "the probe (ddp=auto) and the checks."
+        "ddp=auto's observed first steps and the checks."
     )
 
 

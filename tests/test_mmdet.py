@@ -12,7 +12,7 @@ from adapters.native import buffer_sync_kwarg
 from adapters.policy import Backend
 
 from adapter_contract import AdapterContract
-from conftest import TEAM_PRESET, output, requires, run_dirs, train
+from conftest import TEAM_PRESET, assert_same_training, output, requires, run_dirs, train
 
 mmdet = requires("mmdet")
 # A config that ships with mmdet and really has parameters outside the loss: MobileNetV2's last 1x1 conv
@@ -53,6 +53,39 @@ def test_retinanet_demo_trains(workdir, preset, found):
         assert f"'find_unused_parameters': {found}" in log or preset == "strict"
         assert f"runner.model: MMDistributedDataParallel, find_unused_parameters={found}" in log
     assert (run_dir / "data" / "annotations.json").is_file() and (run_dir / "work_dir").is_dir()
+
+
+@mmdet
+@pytest.mark.slow
+def test_auto_is_the_run_of_the_setting_it_chose_with_mixed_aspect_ratios_and_validation(workdir):
+    # mmdet's AspectRatioBatchSampler keeps its buckets on the sampler: anything that iterated the run's loader
+    # beside the run would leave a batch behind, and with one portrait image the ranks would end an epoch with
+    # different batch counts. Two epochs, validation after each, on a COCO folder of the user's own.
+    from my_pkg.mixed_aspect import write
+
+    config = write(workdir / "coco")
+    model = ["framework=mmdet", f"framework.config={config}", "framework.synthetic_data=false",
+             "framework.batch_size=null", "framework.num_workers=null"]  # fmt: skip
+    auto, strict = assert_same_training(workdir, [*model, "ddp=auto"], [*model, "ddp=strict"], timeout=600)
+    assert "ddp=auto chose strict" in auto
+    for text in (auto, strict):
+        assert re.search(r"Epoch\(val\) \[2\]", text), "two epochs, each validated"
+    iterations = [re.findall(r"Epoch\(train\) +\[(\d)\]\[ *(\d+)/(\d+)\]", text) for text in (auto, strict)]
+    assert iterations[0] == iterations[1], "the same batches, epoch by epoch"
+
+
+@mmdet
+@pytest.mark.slow
+def test_cfg_options_may_not_set_what_the_policy_decides(workdir):
+    cases = (("+framework.cfg_options.model_wrapper_cfg.find_unused_parameters=true",
+              "framework.cfg_options.model_wrapper_cfg.find_unused_parameters: the DDP policy decides"),
+             ("+framework.cfg_options.train_cfg.max_epochs=3",
+              "framework.cfg_options sets train_cfg.max_epochs, and framework.max_iters=2 replaces"))  # fmt: skip
+    for option, words in cases:
+        proc = train(workdir, *SMALL, "ddp=strict", option)
+        assert proc.returncode == 2, output(proc)
+        assert words in proc.stderr and "Fix:" in proc.stderr and "Traceback" not in proc.stderr
+    assert run_dirs(workdir) == []
 
 
 @mmdet

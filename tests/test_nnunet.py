@@ -16,7 +16,7 @@ import pytest
 from adapters.policy import Backend
 
 from adapter_contract import AdapterContract
-from conftest import ENV, TEAM_PRESET, TRAIN, grandchildren, output, requires, run_dirs, train
+from conftest import ENV, TEAM_PRESET, TRAIN, assert_same_training, grandchildren, output, requires, run_dirs, train
 
 nnunet = requires("nnunet")
 SHORT = ["framework.epochs=1", "framework.iterations_per_epoch=3", "framework.val_iterations_per_epoch=1"]
@@ -206,10 +206,23 @@ def test_doctor_names_the_decoder_seg_layers(trained, workdir):
 
 @nnunet
 @pytest.mark.slow
+def test_auto_is_the_run_of_the_setting_it_chose(trained, workdir):
+    # seeded, and augmenting in-process (nnU-Net's augmentation processes draw from streams of their own)
+    model = ["framework=nnunet", "framework.dataset=1", "framework.deep_supervision=false", "framework.seed=0",
+             "framework.num_workers=0", *SHORT]  # fmt: skip
+    seg = "ddp.ignore=[decoder.seg_layers.0,decoder.seg_layers.1,decoder.seg_layers.2]"
+    auto, _ = assert_same_training(workdir, [*model, "ddp=auto"], [*model, "ddp=ignore", seg],
+                                   env=own_data_env(trained[1]))  # fmt: skip
+    assert "ddp=auto chose ignore: the same 6 parameters got no gradient" in auto
+
+
+@nnunet
+@pytest.mark.slow
 def test_auto_applies_to_an_nnunet_variant_whose_model_nnunet_then_predicts(trained, workdir):
     # nnU-Net's own variant without deep supervision: the first steps see the coarser seg layers unused.
     proc = train(workdir, "framework=nnunet", "framework.dataset=1", "framework.trainer=nnUNetTrainerNoDeepSupervision",
-                 *TEAM_PRESET, *SHORT, env=own_data_env(trained[1]))  # fmt: skip
+                 *TEAM_PRESET, "framework.epochs=1", "framework.iterations_per_epoch=4",  # 3 decide, 1 more applies it
+                 "framework.val_iterations_per_epoch=1", env=own_data_env(trained[1]))  # fmt: skip
     assert proc.returncode == 0, output(proc)
     # The team's preset (ddp=auto, probe_steps=3, bucket_cap_mb=50), the same file every framework's tests run.
     assert "ddp=auto chose ignore: the same 6 parameters got no gradient in every observed step" in proc.stdout

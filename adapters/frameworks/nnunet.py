@@ -68,6 +68,10 @@ class NNUNetConfig:
     # The synthetic dataset: how many images, and their side in pixels.
     num_images: int = 12
     image_size: int = 64
+    # Seed torch, numpy and Python's random in each rank (seed + rank: nnU-Net draws every rank's batches from the
+    # whole dataset, so ranks must not share one stream) before the trainer is built, so that a run can be repeated.
+    # null: unseeded, as nnU-Net runs by itself.
+    seed: Optional[int] = None
 
 
 class NNUNetAdapter(Adapter):
@@ -202,6 +206,14 @@ class NNUNetAdapter(Adapter):
         Trainer.run_device = torch.device(ctx.device)
         Trainer.pin_memory = fw.pin_memory
         Trainer.ctx = ctx
+        if fw.seed is not None:
+            import random
+
+            import numpy as np
+
+            random.seed(fw.seed + ctx.rank)
+            np.random.seed(fw.seed + ctx.rank)
+            torch.manual_seed(fw.seed + ctx.rank)
         trainer = Trainer(plans, fw.configuration, fw.fold, dataset_json, device=torch.device(ctx.device))
         if ctx.is_main:
             ctx.log.info("nnU-Net trainer %s (%s), output folder %s", Trainer.__name__, Trainer.__module__,
