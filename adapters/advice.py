@@ -50,6 +50,8 @@ class Fix:
     why: str  # why it works here
 
     def line(self, width: int) -> str:
+        if len(self.override) > width:  # a long override on a line of its own, its reason under it
+            return f"  {self.override}\n  {' ' * width}  {self.why}"
         return f"  {self.override.ljust(width)}  {self.why}"
 
 
@@ -127,7 +129,7 @@ def render(f: Facts, *, heading: str = "Fix it on the command line:") -> str:
         return ("None of ddp=strict, static, safe or ignore holds for what this run did: see the cause above "
                 "(make the loss use the parameters, or freeze them with requires_grad=False before DDP wraps "
                 "the model).")  # fmt: skip
-    width = max(len(x.override) for x in found)
+    width = max([len(x.override) for x in found if len(x.override) <= 30] or [12])
     lines = [heading, *(x.line(width) for x in found)]
     if f.kind == "unused_parameters":
         lines.append("Or make the loss use them, or freeze them (requires_grad=False) before DDP wraps the model.")

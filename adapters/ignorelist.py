@@ -17,10 +17,15 @@ def match_ignore(module: Any, patterns: list[str]) -> list[str]:
     canonical = {id(p): n for n, p in module.named_parameters() if n in known}
     spellings = [(n, canonical[id(p)]) for n, p in module.named_parameters(remove_duplicate=False)
                  if id(p) in canonical]  # fmt: skip
+    # A framework that wraps the model in a module of its own before DDP (fastNLP's driver: `model.`) adds one
+    # prefix to every name: the model's own names match too.
+    firsts = {n.split(".", 1)[0] for n, _ in spellings}
+    wrapped = len(firsts) == 1 and all("." in n for n, _ in spellings)
     chosen: list[str] = []
     for pattern in patterns:
         hits = [reducer for n, reducer in spellings
-                if n == pattern or n.startswith(pattern + ".") or fnmatch.fnmatchcase(n, pattern)]  # fmt: skip
+                if any(c == pattern or c.startswith(pattern + ".") or fnmatch.fnmatchcase(c, pattern)
+                       for c in ((n, n.split(".", 1)[1]) if wrapped else (n,)))]  # fmt: skip
         if not hits:
             modules = sorted({n.rsplit(".", k)[0] for n in names for k in range(1, n.count(".") + 1)})
             close = close_matches(pattern, names + modules, n=3)

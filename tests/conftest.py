@@ -149,6 +149,8 @@ def offered_fixes(text: str, code_fixes: dict[str, list[str]] | None = None) -> 
     for line in block.splitlines():
         if not line.startswith("  ") or not line.strip():
             break
+        if line.startswith("    "):  # the reason of a long override, on the line under it
+            continue
         override = re.split(r"\s{2,}", line.strip(), maxsplit=1)[0]
         if override.startswith(CODE):
             found.append((code_fixes or {})[override.removeprefix(CODE)])
