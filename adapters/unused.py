@@ -384,6 +384,10 @@ class Engine:
         """Compare the replicas; with find, say so when no rank left a parameter unused in any step (strict would be
         faster)."""
         model = self.ddp_model
+        if self.observer is not None and self.rank == 0:
+            self.log.info("ddp=%s: the run ended within the %d steps that decide; every step was averaged as DDP "
+                          "averages, so nothing was left to decide", self.policy.unused_params.name,
+                          self.policy.probe_steps)  # fmt: skip
         if self.policy.check_replicas and model is not None and self.world_size > 1:
             self.check_replicas("at the end of the run")
         if model is None or not getattr(model, "find_unused_parameters", False) or not hasattr(model, "reducer"):
