@@ -56,10 +56,8 @@ class Fix:
 
 
 def _ignore_override(names: list[str]) -> str:
-    from .diagnose import group_by_module
-
-    if len(names) > _MAX_NAMES:
-        names = list(group_by_module(names))  # a module name covers its parameters
+    if len(names) > _MAX_NAMES:  # a module name covers its parameters
+        names = list(dict.fromkeys(n.rpartition(".")[0] or n for n in names))
     return f"ddp=ignore 'ddp.ignore=[{','.join(names)}]'"
 
 

@@ -368,11 +368,12 @@ class Engine:
             raise UnusedParametersError.from_torch(exc, self) from None
 
     def _sample_find(self, model: Any) -> None:
-        """With find_unused_parameters=True: did this rank leave a parameter unused in the last step? (DDP's own
-        record, read before the next forward overwrites it)."""
+        """With find_unused_parameters=True: did some rank leave a parameter unused in the last step? DDP's own
+        record, read before the next forward overwrites it: after the step it holds, per parameter, how many
+        ranks used it (DDP sums the ranks' maps to tell parameters no rank used)."""
         used = model.reducer._get_local_used_map()
         self._find_samples += 1
-        if used.numel() and int(used.min()) == 0:
+        if used.numel() and int(used.min()) < self.world_size:
             self._find_saw_unused = True
 
     # --- the end of the run --------------------------------------------------------------------------

@@ -38,7 +38,7 @@ CHOICES = {
     "reentrant checkpointing, a changing set": (
         [*USER, "+framework.model.unused=alternate", "+framework.model.checkpoint=reentrant"],
         "ignore",
-        5,
+        6,
         ["ddp=ignore", "ddp.ignore=[aux,aux_tied.bias]"],
     ),  # fmt: skip
 }
@@ -72,7 +72,7 @@ def test_auto_is_the_default(workdir):
 def test_auto_logs_the_parameters_it_leaves_out(workdir):
     proc = train(workdir, "framework.deep_supervision=false", "framework.steps=4")
     assert proc.returncode == 0, output(proc)
-    assert "the same 4 parameters got no gradient in every step on every rank" in proc.stdout
+    assert "the same 4 parameters got no gradient in every observed step on every rank" in proc.stdout
     assert "DDP leaves out heads.0: heads.0.weight, heads.0.bias" in proc.stdout
     assert "DDP leaves out heads.1: heads.1.weight, heads.1.bias" in proc.stdout
 
@@ -102,7 +102,8 @@ def test_strict_stops_after_the_first_step(workdir):
     assert "heads.0 (ranks 0, 1): heads.0.weight, heads.0.bias" in proc.stderr
     [run_dir] = run_dirs(workdir)
     for log in rank_logs(run_dir):
-        assert "step 2/" not in log and "loss.backward()" in log.split("Traceback")[1], "stopped in step 1's backward"
+        raised = log.split("Traceback")[1]
+        assert "step 2/" not in log and "in train_step" in raised and ".backward()" in raised, "in step 1's backward"
 
 
 @pytest.mark.slow
