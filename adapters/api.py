@@ -196,11 +196,24 @@ class Policy:
 
     def finish(self) -> None:
         """At the end, on every rank: compare the replicas (raises on every rank if they differ), say whether
-        find_unused_parameters found anything, and take the engine's hooks off the wrapper."""
+        find_unused_parameters found anything, and take the engine's hooks off the wrapper.
+
+        Then a moment without the GIL: gloo's worker threads still hold the last collectives' work (and its
+        tensors) for a moment after the work completes; a tensor they free once the script's own references are
+        gone needs the GIL, and during the interpreter's shutdown taking it aborts the process ("terminate called
+        without an active exception") after a run that finished well. Call ``dist.destroy_process_group()``
+        after this, as torch asks."""
         if self._engine is None:
             return
-        self._engine.after_run()
-        self._engine.release()
+        import gc
+        import time
+
+        try:
+            self._engine.after_run()
+        finally:
+            self._engine.release()
+            gc.collect()
+            time.sleep(0.05)
 
     def check_replicas(self, when: str = "at the end of the run") -> None:
         """Every rank compares its parameters with rank 0's; raises on every rank if they differ."""

@@ -237,7 +237,7 @@ class FirstSteps:
         if not tensors:
             self._fallback = True
             return output
-        if not self.reentrant:
+        if not self.records:  # one walk of the graph, in the first observed step
             self.reentrant = backward.uses_reentrant_checkpointing(tensors)
         return output
 

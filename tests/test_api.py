@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -82,3 +83,18 @@ def test_a_users_own_torch_loop_takes_the_policy_from_a_team_preset_and_decides_
     assert "DDP as built: find_unused_parameters=False, static_graph=False" in said and "bucket_cap_mb=50.0" in said
     assert "replicas equal at the end of the run" in said
     assert sorted(p.name for p in out.glob("replica_rank*.json")) == ["replica_rank0.json", "replica_rank1.json"]
+
+
+@pytest.mark.slow
+def test_strict_in_a_users_own_loop_stops_at_step_1_with_the_names_and_the_fixes(workdir):
+    out = workdir / "out"
+    out.mkdir()
+    script = REPO / "tests" / "scripts" / "torch_own_script.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(REPO / "tests" / "team"), str(out), "ddp=strict"]  # fmt: skip
+    proc = run(cmd, workdir)
+    assert proc.returncode != 0, output(proc)
+    said = re.sub(r"\[rank\d\]: ", "", output(proc))  # torchrun prefixes a failed rank's lines
+    assert "own script step 1" not in said, "stopped inside step 1's backward, before its optimizer step"
+    assert "Parameters that got no gradient on rank 0, by module:\n  heads.0: heads.0.weight, heads.0.bias" in said
+    assert "Fix it on the command line:\n  ddp=auto" in said and "Parameter indices which did not receive grad" in said

@@ -83,7 +83,7 @@ class TrickyNet(nn.Module):
             from torch.utils.checkpoint import checkpoint
 
             h = checkpoint(self.blocks["inner"], h, use_reentrant=self.checkpoint == "reentrant")
-        h = self.reuse(h)
+        h = nn.functional.dropout(self.reuse(h), 0.1, self.training)  # draws from torch's random stream
         loss = ((self.head(h).squeeze(-1) * self.scale - y) ** 2).mean()
         # "none": everything in the loss; "aux": the aux branch never is; "alternate": only in odd steps;
         # "some_ranks": only on rank 0; "some_ranks_late": everywhere but on rank 1 from forward late_from on;

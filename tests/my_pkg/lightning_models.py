@@ -58,7 +58,8 @@ class StepAware(DemoSegmenter):
     def training_step(self, batch, batch_idx):
         assert self.trainer.max_steps > 0, "the Trainer is attached"
         self.net.deep_supervision = self.global_step % 2 == 1
-        loss = self.net(**batch)["loss"]
+        image = nn.functional.dropout(batch["image"], 0.1)  # draws from torch's random stream
+        loss = self.net(image=image, target=batch["target"])["loss"]
         self.log("loss", loss)
         return loss
 
