@@ -176,6 +176,8 @@ class FirstSteps:
         by_name = dict(ddp.module.named_parameters())
         self.params = [by_name[n] for n in self.names]
         self.group = getattr(ddp, "process_group", None)
+        self.sparse = {id(p) for m in ddp.module.modules() if getattr(m, "sparse", False) is True
+                       for p in m.parameters(recurse=False)}  # fmt: skip
         self.world_size = dist.get_world_size(self.group)
         backend = dist.get_backend(self.group)
         self.device = torch.device("cpu")
@@ -193,9 +195,12 @@ class FirstSteps:
         self._queued = False  # the end-of-backward work is queued for the current backward
         self._fallback = False  # no sink: the first gradient hook of a backward queues the work
         self._after_callback = False  # the work ran; a gradient arriving now means it ran too early
+        self._lost = False
         self._handles = [p.register_post_accumulate_grad_hook(self._marker(i)) for i, p in enumerate(self.params)]
         self._handles.append(ddp.register_forward_pre_hook(self._before_forward))
-        self._handles.append(ddp.register_forward_hook(self._after_forward))
+        # always_call: a forward that raises (out of memory, dropped by the loop and retried) still gets DDP's flags
+        # back as the framework set them
+        self._handles.append(ddp.register_forward_hook(self._after_forward, always_call=True))
 
     # --- forward: keep DDP's reducer out of this step's backward ----------------------------------------
 
@@ -204,6 +209,9 @@ class FirstSteps:
 
         if self.done or not torch.is_grad_enabled():
             return
+        if self._intended is not None:  # the last forward ended without its hook: put the framework's flag back
+            ddp.require_backward_grad_sync = self._intended
+            self._intended = None
         if self._after_callback and self._lost:
             self._fail_lost()
         if not self.started:
@@ -225,6 +233,9 @@ class FirstSteps:
             return None
         intended, self._intended = self._intended, None
         self._in_forward = False
+        if output is None:  # the forward raised (always_call): flags back, nothing to attach
+            ddp.require_backward_grad_sync = intended
+            return None
         # What DDP's own forward leaves when the framework asked for intended: buffers are then broadcast at
         # the next forward exactly as they would have been.
         ddp.require_backward_grad_sync = intended
@@ -291,8 +302,10 @@ class FirstSteps:
         scale = 1.0 / self.world_size
         by_kind: dict[tuple[Any, Any], list[Any]] = {}
         for p in params:
-            if p.grad is not None and p.grad.is_sparse:
-                dist.all_reduce(p.grad.mul_(scale), group=self.group)
+            if id(p) in self.sparse:  # summed dense, one collective each, on every rank alike; kept sparse
+                dense = (p.grad.to_dense() if p.grad is not None else torch.zeros_like(p)) * scale
+                dist.all_reduce(dense, group=self.group)
+                p.grad = dense.to_sparse()
                 continue
             by_kind.setdefault((p.dtype, p.device), []).append(p)
         for group in by_kind.values():
