@@ -34,6 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 NO_GUARD = "auto, no guard"
+CONTROL = "auto, no guard, a second copy"  # the noise floor: two identical wrappers, paired like the guard
 SKIP = "static + skip_all_reduce_unused_params"  # torch >= 2.8: the never-used parameters are not reduced
 COLLECTIVE = "auto, guard by collective"
 HAND_PICKED = {"strict": {}, "find": {"find_unused_parameters": True}, "static": {"static_graph": True},
@@ -129,8 +130,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
     results = {}
     for scenario, unused_head in (("deep MLP, all used", False), ("deep MLP + unused head", True)):
         models, observed_steps, auto_choice, ctx = {}, 0.0, "", None
-        for name in [*HAND_PICKED, SKIP, "auto", NO_GUARD, COLLECTIVE]:
-            if (name == "strict" and unused_head) or (name in (COLLECTIVE, SKIP) and not unused_head):
+        for name in [*HAND_PICKED, SKIP, "auto", NO_GUARD, CONTROL, COLLECTIVE]:
+            if (name == "strict" and unused_head) or (name in (COLLECTIVE, SKIP, CONTROL) and not unused_head):
                 continue
             if name == SKIP and not _has_skip():
                 continue
@@ -141,7 +142,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
                 kwargs = {"static_graph": True, "skip_all_reduce_unused_params": True}
             if name == "ignore" and unused_head:
                 set_ignored(net, [n for n, _ in net.named_parameters() if n.startswith("aux_head.")])
-            if name in (NO_GUARD, COLLECTIVE):  # what auto decided, built by hand: the same wrapper
+            if name in (NO_GUARD, CONTROL, COLLECTIVE):  # what auto decided, built by hand: the same wrapper
                 decision = ctx.engine.decision
                 kwargs = {"find_unused_parameters": True} if decision.choice.name == "find" else {}
                 if decision.leave_out:
@@ -170,6 +171,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
                              "spread": {n: _quartiles(t) for n, t in times.items()},
                              "guard": _paired_cost(times["auto"], times[NO_GUARD]),
                              "collective": _paired_cost(times[COLLECTIVE], times[NO_GUARD]) if unused_head else None,
+                             "control": _paired_cost(times[CONTROL], times[NO_GUARD]) if unused_head else None,
                              "skip": _paired_cost(times[SKIP], times["static"]) if SKIP in times else None,
                              "observed_extra": observed_steps, "auto_choice": auto_choice}  # fmt: skip
         models.clear()
@@ -224,6 +226,10 @@ def table(results: dict, args: argparse.Namespace) -> str:
         what = "guard" if row["auto_choice"] == "ignore" else "step counter (nothing left out: no guard)"
         lines.append(f"| {scenario} | cost of the {what}: auto vs {NO_GUARD}, paired per round | {median:+.2f}% "
                      f"({low:+.2f}% to {high:+.2f}%) | | |")  # fmt: skip
+        if row.get("control"):
+            median, low, high = row["control"]
+            lines.append(f"| {scenario} | control: {CONTROL} against {NO_GUARD}, paired per round | {median:+.2f}% "
+                         f"({low:+.2f}% to {high:+.2f}%) | | |")  # fmt: skip
         if row["collective"]:
             median, low, high = row["collective"]
             lines.append(f"| {scenario} | cost of the guard by collective, paired per round | {median:+.2f}% "
