@@ -280,14 +280,11 @@ class Engine:
         self._synced_since_build += 1
 
     def _apply_decision(self, model: Any) -> None:
-        from .guard import StepCounter
-
         for hooked in (self.guard, self._first_check_armed):
             if hooked is not None:
                 hooked.remove()
         self.guard = self._first_check_armed = None
         self._configure(model)
-        assert isinstance(self.steps, StepCounter)
 
     def _hold_static(self, model: Any) -> None:
         """The first forward is a micro-step under no_sync: torch's static graph would assert in the first
