@@ -164,12 +164,15 @@ class FirstSteps:
     ``on_done(observation)`` runs on every rank at the end of the last observed backward pass, after the
     gradients of that step were averaged; the observer has removed its hooks by then."""
 
-    def __init__(self, ddp: Any, steps: int, on_done: Callable[[Observation], None], log: logging.Logger):
+    def __init__(self, ddp: Any, steps: int, on_done: Callable[[Observation], None], log: logging.Logger, *,
+                 forever: bool = False):  # fmt: skip
         import torch
         import torch.distributed as dist
 
         self.ddp = ddp
         self.steps = steps
+        # forever: the wrapper's reducer cannot take the decision; the engine averages every step itself
+        self.forever = forever
         self.on_done = on_done
         self.log = log
         self.names = reducer_names(ddp)
@@ -289,6 +292,8 @@ class FirstSteps:
         dist.all_reduce(counts, group=self.group)
         counts = counts.cpu()
         self._average([p for p, c in zip(self.params, counts.tolist(), strict=True) if c > 0])
+        if self.forever:
+            return
         self.records.append(mine)
         if len(self.records) >= self.steps:
             self._finish()

@@ -161,7 +161,15 @@ class Engine:
         from .observe import FirstSteps
 
         if model.find_unused_parameters or model.static_graph:  # built by code that set its own
-            from .reducer import rebuild
+            from .reducer import cannot_rebuild, rebuild
+
+            why = cannot_rebuild(model)
+            if why:
+                self.log.warning("ddp=%s: DDP was built with find_unused_parameters=%s, static_graph=%s and its "
+                                 "reducer cannot be rebuilt (%s): that setting stays", self.policy.unused_params.name,
+                                 model.find_unused_parameters, model.static_graph, why)  # fmt: skip
+                self._configure(model)
+                return
 
             self.log.warning("ddp=%s: DDP was built with find_unused_parameters=%s, static_graph=%s; the first "
                              "steps decide instead", self.policy.unused_params.name, model.find_unused_parameters,
@@ -280,10 +288,26 @@ class Engine:
         self._synced_since_build += 1
 
     def _apply_decision(self, model: Any) -> None:
+        from .reducer import cannot_rebuild
+
         for hooked in (self.guard, self._first_check_armed):
             if hooked is not None:
                 hooked.remove()
         self.guard = self._first_check_armed = None
+        why = cannot_rebuild(model)
+        if why and self.decision is not None and self.decision.choice is not UnusedParams.strict:
+            from .observe import FirstSteps
+
+            # Correct for any pattern of use, at the cost of the overlap of communication with backward.
+            self.log.warning(
+                "ddp=%s chose %s, but this wrapper's reducer cannot be rebuilt (%s): the engine goes on averaging "
+                "every step's gradients itself, as DDP averages them, instead of DDP's buckets. Choose the setting "
+                "when the wrapper is built to have DDP do it.", self.policy.unused_params.name,
+                self.decision.choice.name, why,
+            )  # fmt: skip
+            self.observer = FirstSteps(model, 0, self._observed, self.log, forever=True)
+            self.observer._before_forward(model)  # registered inside this forward's pre-hooks: its own runs later
+            return
         self._configure(model)
 
     def _hold_static(self, model: Any) -> None:

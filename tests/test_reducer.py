@@ -80,3 +80,27 @@ def test_a_forward_that_raises_while_the_first_steps_are_observed_leaves_ddps_fl
     assert engine.decision is not None and engine.decision.choice is UnusedParams.ignore
     assert engine.decision.leave_out == ("aux.weight", "aux.bias") and "aux.weight" in ddp.parameters_to_ignore
     engine.release()
+
+
+class Delayed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.aux = nn.Linear(4, 4), nn.Linear(4, 1), nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.b(self.a(x)).sum()
+
+
+def test_a_wrapper_whose_reducer_cannot_be_rebuilt_is_averaged_by_the_engine_for_the_whole_run(one_rank_group):
+    # DDP's delay_all_reduce_named_params keeps state a rebuilt reducer would lose: auto's decision (ignore aux)
+    # cannot be applied, and a strict reducer would stop at the first step that leaves aux unused.
+    model = Delayed()
+    ddp = DistributedDataParallel(model, delay_all_reduce_named_params=[("a.weight", model.a.weight)],
+                                  param_to_hook_all_reduce=model.b.weight)  # fmt: skip
+    engine = Engine(DDPPolicy(unused_params=UnusedParams.auto), 0, 1, Backend.gloo, logging.getLogger("test"))
+    engine.track(ddp)
+    for _ in range(5):
+        ddp(torch.randn(2, 4)).backward()
+    assert engine.decision.choice is UnusedParams.ignore and engine.observer is not None and engine.observer.forever
+    assert model.aux.weight.grad is None and model.b.weight.grad is not None
+    engine.release()
